@@ -1,0 +1,43 @@
+"""jaxbptt: backpropagation through time for JAX, with a hand-written reverse scan.
+
+Pure step functions `step(params, carry, x) -> (carry, y)`, unrolled by `lax.scan`, differentiated
+by a reverse scan that keeps only the carry adjoint in its sequential loop: exact and truncated
+BPTT, per-step clipping, gradient-flow diagnostics and memory policies, each checked against
+`jax.grad` of a plain `lax.scan` with the same semantics.
+"""
+
+from ._api import value_and_grad as value_and_grad
+from ._cells import Cell as Cell
+from ._cells import LSTMState as LSTMState
+from ._cells import elman as elman
+from ._cells import gru as gru
+from ._cells import lstm as lstm
+from ._cells import with_readout as with_readout
+from ._kernel import Kernel as Kernel
+from ._kernel import Step as Step
+from ._reference import check_grads as check_grads
+from ._reference import clip_identity as clip_identity
+from ._reference import reference_unroll as reference_unroll
+from ._reference import reference_value_and_grad as reference_value_and_grad
+from ._reverse import Diagnostics as Diagnostics
+from ._unroll import unroll as unroll
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cell",
+    "Diagnostics",
+    "Kernel",
+    "LSTMState",
+    "Step",
+    "check_grads",
+    "clip_identity",
+    "elman",
+    "gru",
+    "lstm",
+    "reference_unroll",
+    "reference_value_and_grad",
+    "unroll",
+    "value_and_grad",
+    "with_readout",
+]

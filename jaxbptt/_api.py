@@ -1,0 +1,122 @@
+"""`value_and_grad`: the summed per-step loss and its BPTT gradients in one forward and one reverse
+scan, the loss evaluated block by block so the outputs `ys` are never stored whole."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from . import _reverse
+from . import _validate as v
+from ._kernel import is_float
+from ._remat import make_plan
+from ._types import LossFn, StepFn
+from ._unroll import cast_like, check_options, poison_invalid, resolve_truncation, traced_options
+
+
+def select_argnums(argnums, grads):
+    return grads[argnums] if isinstance(argnums, int) else tuple(grads[a] for a in argnums)
+
+
+def check_call(step, loss_fn, argnums, params, carry, xs, targets):
+    """Shared trace-time checks of `value_and_grad` and its oracle; returns (T, carry)."""
+    length = v.time_length("xs", xs)
+    v.check_same_length("targets", targets, length)
+    carry = v.check_carry(step, params, carry, xs)
+    for a in v.check_argnums(argnums):
+        v.check_differentiable(("params", "carry", "xs")[a], (params, carry, xs)[a])
+    _, y = jax.eval_shape(step, params, carry, v.first_step(xs))
+    v.check_loss(loss_fn, y, v.first_step(targets))
+    return length, carry
+
+
+def zero_length_result(argnums, params, carry, xs, diagnostics):
+    """The exact answer for T = 0: zero loss, the initial carry, zero gradients."""
+    zeros = jax.tree.map(jnp.zeros_like, (params, carry, xs))
+    loss = jnp.zeros((), jnp.float32)
+    aux = (loss, carry)
+    if diagnostics:
+        aux += (_reverse.Diagnostics(jnp.zeros((0,), jnp.float32), jnp.zeros((0,), bool)),)
+    return aux, select_argnums(argnums, zeros)
+
+
+def value_and_grad(
+    step: StepFn,
+    loss_fn: LossFn,
+    *,
+    argnums=0,
+    truncation=None,
+    remat=None,
+    clip_norm=None,
+    diagnostics: bool = False,
+    unroll: int = 1,
+) -> Callable:
+    """The sequence loss `L = sum_t loss_fn(y_t, target_t)` and its BPTT gradient.
+
+    Equivalent to (but faster and lighter than)::
+
+      def loss(params, carry, xs, targets):
+        final, ys = lax.scan(lambda c, x: step(params, c, x), carry, xs)
+        return jnp.sum(jax.vmap(loss_fn)(ys, targets)), final
+      jax.value_and_grad(loss, argnums, has_aux=True)
+
+    with the gradient options of `jaxbptt.unroll` (truncation, clipping, memory policy), which
+    change the backward pass only. Time is the leading axis of every leaf of `xs` and `targets`.
+
+    Args:
+      step: `step(params, carry, x) -> (carry, y)`.
+      loss_fn: `loss_fn(y_t, target_t) -> scalar`; masks or weights can travel in the targets.
+      argnums: int or tuple of ints among 0 (params), 1 (carry), 2 (xs), as in `jax.value_and_grad`.
+      truncation, remat, clip_norm, unroll: as in `jaxbptt.unroll`.
+      diagnostics: also return `diag` (`jaxbptt.Diagnostics`: per-step adjoint norm and clipped flag).
+
+    Returns:
+      A function `(params, carry, xs, targets) -> ((loss, final_carry), grads)`, or
+      `((loss, final_carry, diag), grads)` with `diagnostics=True`; `grads` is structured by
+      `argnums` as in `jax.value_and_grad`.
+
+    Raises:
+      TypeError / ValueError: at trace time, for a non-callable step or loss, mismatched time axes
+        of `xs` and `targets`, a step that changes its carry, a non-scalar loss, or options out of
+        range; each message names the argument.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbptt as jb
+      >>> model = jb.with_readout(jb.lstm(32), 1)
+      >>> params = model.init(jax.random.key(0), 2)
+      >>> xs, targets = jnp.ones((50, 8, 2)), jnp.zeros((50, 8, 1))
+      >>> mse = lambda y, t: jnp.mean((y - t) ** 2)
+      >>> f = jax.jit(jb.value_and_grad(model.step, mse, truncation=10, clip_norm=1.0))
+      >>> (loss, final), grads = f(params, model.initial_carry((8,)), xs, targets)
+      >>> grads["W_hy"].shape
+      (32, 1)
+    """
+    v.check_callable("step", step)
+    v.check_callable("loss_fn", loss_fn)
+    nums = v.check_argnums(argnums)
+    check_options(truncation, remat, clip_norm, unroll)
+
+    def value_and_grad_fn(params, carry, xs, targets):
+        length, carry = check_call(step, loss_fn, argnums, params, carry, xs, targets)
+        if length == 0:
+            return zero_length_result(argnums, params, carry, xs, diagnostics)
+        trunc, k, clip = traced_options(truncation, clip_norm, length)
+        plan = make_plan(length, remat, _reverse.rows_per_step(carry))
+        kernel, consts = _reverse.setup(step, params, carry, xs)
+        loss = (loss_fn, targets)
+        final, value, saved = _reverse.forward(kernel, params, consts, carry, xs, plan, loss=loss, unroll=unroll)
+        ct_final = jax.tree.map(lambda c: jnp.zeros(c.shape, c.dtype if is_float(c) else jnp.float32), carry)
+        dparams, dcarry, dxs, diag = _reverse.backward(
+            kernel, params, consts, xs, saved, plan,
+            ct_final=ct_final, loss=loss, trunc=resolve_truncation(trunc, k), clip_norm=clip,
+            diagnostics=diagnostics, unroll=unroll, need_xs=2 in nums,
+        )
+        grads = (cast_like(dparams, params), cast_like(dcarry, carry), dxs)
+        grads = poison_invalid(select_argnums(argnums, grads), k, clip)
+        aux = (value, final) + ((diag,) if diagnostics else ())
+        return aux, grads
+
+    return value_and_grad_fn
+

@@ -1,0 +1,429 @@
+"""Built-in cells: Elman (tanh / ReLU, IRNN), LSTM, GRU, and a linear readout.
+
+A `Cell` is a NamedTuple of pure functions, like `optax.GradientTransformation`:
+
+    params = cell.init(key, input_size)          # a dict of arrays
+    carry = cell.initial_carry(batch_shape)      # zeros; leaves shaped (*batch_shape, H)
+    carry, y = cell.step(params, carry, x)       # x shaped (*batch_shape, input_size)
+
+Each built-in `step` is a `jaxbptt.Step`: a plain step function that also carries a hand-derived
+kernel for the reverse-scan engine. Its reverse loop touches only the carry adjoint, and its
+parameter gradients are matrix products over all steps of a block at once:
+- the input projection `x @ W_x + b` of a whole block is one matrix product, before the loop;
+- each step keeps only what its backward formula reads (Elman: nothing beyond h_t; LSTM: the gate
+  activations and c_{t-1}; GRU: the gates, the recurrent candidate term and h_{t-1});
+- `dW_h = sum_t h_{t-1}^T dz_t` and `dW_x = sum_t x_t^T dz_t` are one product each per block.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ._kernel import Kernel, Step, identity_post, kernel_for
+from ._types import PyTree
+
+_lecun_normal = jax.nn.initializers.lecun_normal()
+_orthogonal = jax.nn.initializers.orthogonal()
+
+
+class Cell(NamedTuple):
+    """A recurrent cell as three pure functions.
+
+    Attributes:
+      init: `init(key, input_size, dtype=jnp.float32) -> params`.
+      initial_carry: `initial_carry(batch_shape=(), dtype=jnp.float32) -> carry` (zeros).
+      step: `step(params, carry, x) -> (carry, y)`; `x` has shape `(*batch_shape, input_size)`.
+    """
+
+    init: Callable[..., PyTree]
+    initial_carry: Callable[..., PyTree]
+    step: Callable
+
+
+class LSTMState(NamedTuple):
+    """The LSTM carry.
+
+    Attributes:
+      h: shape=(*batch_shape, H), the hidden state (also the cell's output y).
+      c: shape=(*batch_shape, H), the memory cell.
+    """
+
+    h: jax.Array
+    c: jax.Array
+
+
+def _dense(x, w, b=None):
+    """`x @ w (+ b)` over any leading dims, as one 2-D matrix product."""
+    y = x.reshape(-1, x.shape[-1]) @ w
+    if b is not None:
+        y = y + b
+    return y.reshape(x.shape[:-1] + (w.shape[-1],))
+
+
+def _dense_t(x, w):
+    """`x @ w.T` over any leading dims (the input cotangent of `_dense`)."""
+    y = x.reshape(-1, x.shape[-1]) @ w.T
+    return y.reshape(x.shape[:-1] + (w.shape[0],))
+
+
+def _outer_sum(a, b):
+    """`sum over all leading dims of a^T b`: one matrix product over time and batch."""
+    return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
+
+
+def _leading_sum(a):
+    return a.reshape(-1, a.shape[-1]).sum(axis=0)
+
+
+def _previous(start, outs):
+    """`(h_{t-1})_t` over a block, from the block's first carry and its per-step outputs."""
+    return jnp.concatenate([start[None], outs[:-1]], axis=0)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}.")
+
+
+def _zeros_carry(hidden_size: int):
+    def initial_carry(batch_shape=(), dtype=jnp.float32):
+        return jnp.zeros(tuple(batch_shape) + (hidden_size,), dtype)
+
+    return initial_carry
+
+
+def _no_consts(params, carry, u):
+    del params, carry, u
+    return ()
+
+
+def _fixed(kernel: Kernel) -> Callable[..., Kernel]:
+    return lambda params, carry, u: kernel
+
+
+# --------------------------------------------------------------------------------------------- Elman
+
+_ACTIVATIONS = {
+    # activation, and its derivative written in terms of the activation's output
+    "tanh": (jnp.tanh, lambda h: 1 - h * h),
+    "relu": (jax.nn.relu, lambda h: (h > 0).astype(h.dtype)),
+}
+_RECURRENT_INITS = ("orthogonal", "normal", "identity")
+
+
+def elman(
+    hidden_size: int,
+    *,
+    activation: str = "tanh",
+    recurrent_init: str = "orthogonal",
+    recurrent_scale: float = 1.0,
+) -> Cell:
+    """Elman (simple) RNN: `h_t = act(x_t @ W_xh + h_{t-1} @ W_hh + b_h)`, `y_t = h_t`.
+
+    Args:
+      hidden_size: H.
+      activation: `"tanh"` or `"relu"`.
+      recurrent_init: initialisation of `W_hh`, times `recurrent_scale`: `"orthogonal"`,
+        `"normal"` (entries N(0, 1/H), spectral radius about 1) or `"identity"`. ReLU with identity
+        is the IRNN of Le, Jaitly & Hinton (2015); it also shrinks `W_xh` to N(0, 1e-3) as they do.
+      recurrent_scale: multiplies the recurrent initialisation (e.g. 3.0 for exploding gradients).
+
+    Returns:
+      A `Cell` with params `{"W_xh": (D, H), "W_hh": (H, H), "b_h": (H,)}` and carry `(*batch, H)`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbptt as jb
+      >>> cell = jb.elman(8, activation="relu", recurrent_init="identity")
+      >>> params = cell.init(jax.random.key(0), 3)
+      >>> h, y = cell.step(params, cell.initial_carry((2,)), jnp.ones((2, 3)))
+      >>> h.shape, bool(jnp.all(y == h))
+      ((2, 8), True)
+    """
+    _check_positive_int("hidden_size", hidden_size)
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}; got {activation!r}.")
+    if recurrent_init not in _RECURRENT_INITS:
+        raise ValueError(f"recurrent_init must be one of {list(_RECURRENT_INITS)}; got {recurrent_init!r}.")
+    act, act_grad = _ACTIVATIONS[activation]
+
+    def init(key, input_size: int, dtype=jnp.float32):
+        _check_positive_int("input_size", input_size)
+        kx, kh = jax.random.split(key)
+        if recurrent_init == "identity":
+            w_hh = jnp.eye(hidden_size, dtype=dtype)
+            w_xh = 1e-3 * jax.random.normal(kx, (input_size, hidden_size), dtype)
+        else:
+            if recurrent_init == "orthogonal":
+                w_hh = _orthogonal(kh, (hidden_size, hidden_size), dtype)
+            else:
+                w_hh = jax.random.normal(kh, (hidden_size, hidden_size), dtype) / jnp.sqrt(hidden_size)
+            w_xh = _lecun_normal(kx, (input_size, hidden_size), dtype)
+        return {"W_xh": w_xh, "W_hh": recurrent_scale * w_hh, "b_h": jnp.zeros((hidden_size,), dtype)}
+
+    def step(params, h, x):
+        h = act(_dense(x, params["W_xh"], params["b_h"]) + _dense(h, params["W_hh"]))
+        return h, h
+
+    def project(params, xs):
+        return _dense(xs, params["W_xh"], params["b_h"])
+
+    def forward(params, consts, h, u):
+        h = act(u + _dense(h, params["W_hh"]))
+        return h, h, ()
+
+    def backward(params, consts, h, res, ct_h, ct_out):
+        dz = (ct_h + ct_out) * act_grad(h)
+        return _dense_t(dz, params["W_hh"]), dz
+
+    def grads(params, consts, h_start, us, outs, res, dz):
+        dparams = {
+            "W_xh": jnp.zeros_like(params["W_xh"]),
+            "W_hh": _outer_sum(_previous(h_start, outs), dz),
+            "b_h": jnp.zeros_like(params["b_h"]),
+        }
+        return dparams, dz
+
+    kernel = Kernel(_no_consts, project, forward, backward, grads, identity_post)
+    return Cell(init, _zeros_carry(hidden_size), Step(step, _fixed(kernel)))
+
+
+# ---------------------------------------------------------------------------------------------- LSTM
+
+
+def _lstm_gates(z):
+    """Gate activations `[i, f, g, o]` from pre-activations, in one array (4H on the last axis)."""
+    i, f, g, o = jnp.split(z, 4, axis=-1)
+    return jnp.concatenate([jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)], axis=-1)
+
+
+def lstm(hidden_size: int, *, forget_bias: float = 1.0) -> Cell:
+    """LSTM (Hochreiter & Schmidhuber 1997, with forget gate), `y_t = h_t`.
+
+    `z = x @ W_x + h @ W_h + b` is split into gates `[i, f, g, o]` along its last axis;
+    `c' = sigmoid(f) * c + sigmoid(i) * tanh(g)`, `h' = sigmoid(o) * tanh(c')`.
+
+    Args:
+      hidden_size: H.
+      forget_bias: initial value of the forget-gate bias (1.0, Jozefowicz et al. 2015).
+
+    Returns:
+      A `Cell` with params `{"W_x": (D, 4H), "W_h": (H, 4H), "b": (4H,)}` and carry
+      `LSTMState(h, c)`, each `(*batch, H)`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbptt as jb
+      >>> cell = jb.lstm(4)
+      >>> params = cell.init(jax.random.key(0), 3)
+      >>> state, y = cell.step(params, cell.initial_carry(), jnp.ones(3))
+      >>> state.c.shape, y.shape
+      ((4,), (4,))
+    """
+    _check_positive_int("hidden_size", hidden_size)
+    H = hidden_size
+
+    def init(key, input_size: int, dtype=jnp.float32):
+        _check_positive_int("input_size", input_size)
+        kx, kh = jax.random.split(key)
+        w_h = jnp.concatenate([_orthogonal(k, (H, H), dtype) for k in jax.random.split(kh, 4)], axis=1)
+        b = jnp.zeros((4 * H,), dtype).at[H : 2 * H].set(forget_bias)
+        return {"W_x": _lecun_normal(kx, (input_size, 4 * H), dtype), "W_h": w_h, "b": b}
+
+    def initial_carry(batch_shape=(), dtype=jnp.float32):
+        zeros = jnp.zeros(tuple(batch_shape) + (H,), dtype)
+        return LSTMState(zeros, zeros)
+
+    def cell_update(gates, c):
+        i, f, g, o = jnp.split(gates, 4, axis=-1)
+        c = f * c + i * g
+        return o * jnp.tanh(c), c
+
+    def step(params, state, x):
+        z = _dense(x, params["W_x"], params["b"]) + _dense(state.h, params["W_h"])
+        h, c = cell_update(_lstm_gates(z), state.c)
+        return LSTMState(h, c), h
+
+    def project(params, xs):
+        return _dense(xs, params["W_x"], params["b"])
+
+    def forward(params, consts, state, u):
+        gates = _lstm_gates(u + _dense(state.h, params["W_h"]))
+        h, c = cell_update(gates, state.c)
+        return LSTMState(h, c), h, (gates, state.c)
+
+    def backward(params, consts, h, res, ct, ct_out):
+        gates, c_prev = res
+        i, f, g, o = jnp.split(gates, 4, axis=-1)
+        tc = jnp.tanh(f * c_prev + i * g)
+        dh = ct.h + ct_out
+        dc = ct.c + dh * o * (1 - tc * tc)
+        dz = jnp.concatenate(
+            [dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g), dh * tc * o * (1 - o)],
+            axis=-1,
+        )
+        return LSTMState(_dense_t(dz, params["W_h"]), dc * f), dz
+
+    def grads(params, consts, start, us, outs, res, dz):
+        dparams = {
+            "W_x": jnp.zeros_like(params["W_x"]),
+            "W_h": _outer_sum(_previous(start.h, outs), dz),
+            "b": jnp.zeros_like(params["b"]),
+        }
+        return dparams, dz
+
+    kernel = Kernel(_no_consts, project, forward, backward, grads, identity_post)
+    return Cell(init, initial_carry, Step(step, _fixed(kernel)))
+
+
+# ----------------------------------------------------------------------------------------------- GRU
+
+
+def gru(hidden_size: int) -> Cell:
+    """GRU (Cho et al. 2014) in the cuDNN / PyTorch form, `y_t = h_t`.
+
+    With `gx = x @ W_x + b_x` and `gh = h @ W_h + b_h`, each split into `[r, z, n]`:
+    `r = sigmoid(gx_r + gh_r)`, `z = sigmoid(gx_z + gh_z)`, `n = tanh(gx_n + r * gh_n)`,
+    `h' = (1 - z) * n + z * h`.
+
+    Args:
+      hidden_size: H.
+
+    Returns:
+      A `Cell` with params `{"W_x": (D, 3H), "b_x": (3H,), "W_h": (H, 3H), "b_h": (3H,)}` and carry
+      `(*batch, H)`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbptt as jb
+      >>> cell = jb.gru(5)
+      >>> params = cell.init(jax.random.key(0), 2)
+      >>> h, y = cell.step(params, cell.initial_carry((3,)), jnp.ones((3, 2)))
+      >>> h.shape
+      (3, 5)
+    """
+    _check_positive_int("hidden_size", hidden_size)
+    H = hidden_size
+
+    def init(key, input_size: int, dtype=jnp.float32):
+        _check_positive_int("input_size", input_size)
+        kx, kh = jax.random.split(key)
+        w_h = jnp.concatenate([_orthogonal(k, (H, H), dtype) for k in jax.random.split(kh, 3)], axis=1)
+        zeros = jnp.zeros((3 * H,), dtype)
+        return {"W_x": _lecun_normal(kx, (input_size, 3 * H), dtype), "b_x": zeros, "W_h": w_h, "b_h": zeros}
+
+    def gates(gx, gh):
+        rx, zx, nx = jnp.split(gx, 3, axis=-1)
+        rh, zh, nh = jnp.split(gh, 3, axis=-1)
+        r, z = jax.nn.sigmoid(rx + rh), jax.nn.sigmoid(zx + zh)
+        return r, z, jnp.tanh(nx + r * nh), nh
+
+    def step(params, h, x):
+        r, z, n, _ = gates(_dense(x, params["W_x"], params["b_x"]), _dense(h, params["W_h"], params["b_h"]))
+        h = (1 - z) * n + z * h
+        return h, h
+
+    def project(params, xs):
+        return _dense(xs, params["W_x"], params["b_x"])
+
+    def forward(params, consts, h, u):
+        r, z, n, nh = gates(u, _dense(h, params["W_h"], params["b_h"]))
+        new_h = (1 - z) * n + z * h
+        return new_h, new_h, (jnp.concatenate([r, z, n], axis=-1), nh, h)
+
+    def backward(params, consts, out, res, ct, ct_out):
+        rzn, nh, h_prev = res
+        r, z, n = jnp.split(rzn, 3, axis=-1)
+        dh = ct + ct_out
+        dn = dh * (1 - z) * (1 - n * n)  # through tanh: the cotangent of n's pre-activation
+        dr = dn * nh * r * (1 - r)
+        dz = dh * (h_prev - n) * z * (1 - z)
+        dgh = jnp.concatenate([dr, dz, dn * r], axis=-1)
+        dgx = jnp.concatenate([dr, dz, dn], axis=-1)
+        return dh * z + _dense_t(dgh, params["W_h"]), (dgx, dgh)
+
+    def grads(params, consts, h_start, us, outs, res, locals_):
+        dgx, dgh = locals_
+        dparams = {
+            "W_x": jnp.zeros_like(params["W_x"]),
+            "b_x": jnp.zeros_like(params["b_x"]),
+            "W_h": _outer_sum(res[2], dgh),
+            "b_h": _leading_sum(dgh),
+        }
+        return dparams, dgx
+
+    kernel = Kernel(_no_consts, project, forward, backward, grads, identity_post)
+    return Cell(init, _zeros_carry(H), Step(step, _fixed(kernel)))
+
+
+# ------------------------------------------------------------------------------------------- readout
+
+
+def _readout_kernel(inner: Kernel) -> Kernel:
+    """`inner`'s kernel under params `{"cell": ..., "W_hy", "b_y"}`, the readout applied per block."""
+
+    def prepare(params, carry, u):
+        return inner.prepare(params["cell"], carry, u)
+
+    def project(params, xs):
+        return inner.project(params["cell"], xs)
+
+    def forward(params, consts, carry, u):
+        return inner.forward(params["cell"], consts, carry, u)
+
+    def backward(params, consts, out, res, ct_carry, ct_out):
+        return inner.backward(params["cell"], consts, out, res, ct_carry, ct_out)
+
+    def grads(params, consts, carry_start, us, outs, res, locals_):
+        dcell, dus = inner.grads(params["cell"], consts, carry_start, us, outs, res, locals_)
+        zeros = {k: jnp.zeros_like(v) for k, v in params.items() if k != "cell"}
+        return {"cell": dcell, **zeros}, dus
+
+    def post(params, outs):
+        return _dense(inner.post(params["cell"], outs), params["W_hy"], params["b_y"])
+
+    return Kernel(prepare, project, forward, backward, grads, post)
+
+
+def with_readout(cell: Cell, output_size: int) -> Cell:
+    """Add a linear readout to a cell: `y_t = h_t @ W_hy + b_y`, `h_t` being the cell's output.
+
+    The readout runs once per block of steps, outside the sequential loops, for any inner cell
+    (built-in or not).
+
+    Args:
+      cell: the inner `Cell`.
+      output_size: O.
+
+    Returns:
+      A `Cell` with params `{"cell": inner params, "W_hy": (H, O), "b_y": (O,)}` and the inner carry.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbptt as jb
+      >>> model = jb.with_readout(jb.gru(8), 2)
+      >>> params = model.init(jax.random.key(0), 3)
+      >>> carry, y = model.step(params, model.initial_carry((4,)), jnp.ones((4, 3)))
+      >>> y.shape
+      (4, 2)
+    """
+    _check_positive_int("output_size", output_size)
+
+    def init(key, input_size: int, dtype=jnp.float32):
+        kc, ky = jax.random.split(key)
+        cell_params = cell.init(kc, input_size, dtype)
+        x = jax.ShapeDtypeStruct((input_size,), dtype)
+        _, h = jax.eval_shape(cell.step, cell_params, cell.initial_carry((), dtype), x)
+        return {
+            "cell": cell_params,
+            "W_hy": _lecun_normal(ky, (h.shape[-1], output_size), dtype),
+            "b_y": jnp.zeros((output_size,), dtype),
+        }
+
+    def step(params, carry, x):
+        carry, h = cell.step(params["cell"], carry, x)
+        return carry, _dense(h, params["W_hy"], params["b_y"])
+
+    def make_kernel(params, carry, u):
+        return _readout_kernel(kernel_for(cell.step, params["cell"], carry, u))
+
+    return Cell(init, cell.initial_carry, Step(step, make_kernel))

@@ -1,0 +1,169 @@
+"""How the engine runs one step: the kernel protocol, and the generic kernel for any step.
+
+The engine (`_reverse.py`) never differentiates a whole scan. It asks a `Kernel` for five pieces:
+
+    us      = project(params, xs_block)                # carry-independent input work, all steps at once
+    carry, out, res = forward(params, consts, carry, u) # one step; `out` and `res` are kept per step
+    ys      = post(params, outs_block)                 # carry-independent output work, all steps at once
+    ct_carry_prev, local = backward(params, consts, out, res, ct_carry, ct_out)   # one step, carry only
+    dparams, dus = grads(params, consts, carry_start, us_block, outs_block, res_block, locals_block)
+
+`backward` is the only piece inside the sequential reverse loop and touches nothing but the carry
+adjoint; it must be linear in `(ct_carry, ct_out)`, and so must `local`, the per-step value from
+which `grads` forms parameter and input gradients for a whole block of steps at once (large matrix
+products instead of one small accumulation per step). `consts = prepare(params, carry, u)` holds
+loop-invariant values, computed once outside every loop.
+
+Built-in cells supply hand-derived kernels (see `_cells.py`). Any other step gets `generic_kernel`:
+`forward` keeps only the time-varying residuals of the step's VJP with respect to the carry (what
+depends on the parameters alone, such as the weight matrices, is found by a dependency walk over the
+step's jaxpr and kept once in `consts`), and `grads` evaluates the parameter VJP of the step vmapped
+over the block's steps with the parameters unbatched, which JAX turns into contractions over
+time and batch together.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jex_core
+
+from ._types import PyTree
+
+
+class Kernel(NamedTuple):
+    """The engine's view of a step (see the module docstring for each piece's contract)."""
+
+    prepare: Callable[..., PyTree]
+    project: Callable[..., PyTree]
+    forward: Callable[..., tuple[PyTree, PyTree, PyTree]]
+    backward: Callable[..., tuple[PyTree, PyTree]]
+    grads: Callable[..., tuple[PyTree, PyTree]]
+    post: Callable[..., PyTree]
+
+
+class Step:
+    """A step function that also knows how to build its `Kernel` for the engine.
+
+    Calling it is calling the plain step, so it works everywhere a step function does; the engine
+    calls `make_kernel(params, carry, u)` instead of deriving a generic kernel. Wrapping it in
+    another function drops this and falls back to the generic (still exact) path.
+    """
+
+    def __init__(self, fn: Callable, make_kernel: Callable[..., Kernel]):
+        self._fn = fn
+        self.make_kernel = make_kernel
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, params, carry, x):
+        return self._fn(params, carry, x)
+
+    def __repr__(self) -> str:
+        return f"jaxbptt.Step({self.__name__})"
+
+
+def kernel_for(step: Callable, params: PyTree, carry: PyTree, x: PyTree) -> Kernel:
+    """The hand-derived kernel of a built-in step, else the generic kernel of `step`."""
+    if isinstance(step, Step):
+        return step.make_kernel(params, carry, x)
+    return generic_kernel(step, params, carry, x)
+
+
+def identity_project(params, xs):
+    del params
+    return xs
+
+
+def identity_post(params, outs):
+    del params
+    return outs
+
+
+def _varying_outputs(closed_jaxpr, varying_inputs: list[bool]) -> list[bool]:
+    """Which outputs of a jaxpr depend on the inputs flagged as varying (a forward walk).
+
+    Conservative: an equation with any varying input makes all its outputs varying, nested jaxprs
+    included, so a misclassification can only cost memory, never correctness.
+    """
+    jaxpr = closed_jaxpr.jaxpr
+    varying = {v for v, flag in zip(jaxpr.invars, varying_inputs) if flag}
+
+    def is_varying(v) -> bool:
+        return not isinstance(v, jex_core.Literal) and v in varying
+
+    for eqn in jaxpr.eqns:
+        if any(is_varying(v) for v in eqn.invars):
+            varying.update(eqn.outvars)
+    return [is_varying(v) for v in jaxpr.outvars]
+
+
+def generic_kernel(step: Callable, params: PyTree, carry: PyTree, u: PyTree) -> Kernel:
+    """A `Kernel` for any step, derived with `jax.vjp` (see the module docstring).
+
+    `carry` and `u` are one step's carry and input (arrays or `jax.ShapeDtypeStruct`s); they fix
+    the residual layout, found once by tracing the step.
+    """
+    structure: dict[str, Any] = {}
+
+    def residual_leaves(p, c, x):
+        (_, _), vjp_fn = jax.vjp(lambda c_: step(p, c_, x), c)
+        leaves, structure["treedef"] = jax.tree.flatten(vjp_fn)
+        return leaves
+
+    closed = jax.make_jaxpr(residual_leaves)(params, carry, u)
+    n_params = len(jax.tree.leaves(params))
+    n_rest = len(jax.tree.leaves(carry)) + len(jax.tree.leaves(u))
+    varying = _varying_outputs(closed, [False] * n_params + [True] * n_rest)
+    treedef = structure["treedef"]
+
+    def prepare(p, c, x):
+        leaves = residual_leaves(p, c, x)
+        return [leaf for leaf, v in zip(leaves, varying) if not v]
+
+    def forward(p, consts, c, x):
+        del consts
+        (new_c, y), vjp_fn = jax.vjp(lambda c_: step(p, c_, x), c)
+        leaves = jax.tree.leaves(vjp_fn)
+        kept = [leaf for leaf, v in zip(leaves, varying) if v]
+        return new_c, y, (kept, c)
+
+    def backward(p, consts, out, res, ct_carry, ct_out):
+        del p
+        kept, carry_in = res
+        kept_it, const_it = iter(kept), iter(consts)
+        leaves = [next(kept_it) if v else next(const_it) for v in varying]
+        vjp_fn = jax.tree.unflatten(treedef, leaves)
+        (ct_prev,) = vjp_fn((as_jax_cotangent(ct_carry, carry_in), as_jax_cotangent(ct_out, out)))
+        return as_engine_cotangent(ct_prev, carry_in), (ct_carry, ct_out)
+
+    def grads(p, consts, carry_start, us, outs, res, locals_):
+        del consts, carry_start
+        _, carries_in = res
+        batched = jax.vmap(step, in_axes=(None, 0, 0))
+        _, vjp_fn = jax.vjp(lambda p_, us_: batched(p_, carries_in, us_), p, us)
+        ct_carry, ct_out = locals_
+        return vjp_fn((as_jax_cotangent(ct_carry, carries_in), as_jax_cotangent(ct_out, outs)))
+
+    return Kernel(prepare, identity_project, forward, backward, grads, identity_post)
+
+
+def zeros_like_tree(tree: PyTree, dtype=None) -> PyTree:
+    return jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), dtype or a.dtype), tree)
+
+
+def is_float(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def as_jax_cotangent(ct: PyTree, primal: PyTree) -> PyTree:
+    """The engine keeps zero arrays as cotangents of integer leaves; JAX wants float0 zeros."""
+    return jax.tree.map(lambda c, p: c if is_float(p) else np.zeros(np.shape(p), jax.dtypes.float0), ct, primal)
+
+
+def as_engine_cotangent(ct: PyTree, primal: PyTree) -> PyTree:
+    """Inverse of `as_jax_cotangent`: float0 cotangents of integer leaves become float32 zeros."""
+    return jax.tree.map(lambda c, p: c if is_float(p) else jnp.zeros(np.shape(p), jnp.float32), ct, primal)

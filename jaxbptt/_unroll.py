@@ -1,0 +1,171 @@
+"""`unroll`: the forward scan, differentiable through the hand-written reverse scan."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import _reverse
+from . import _validate as v
+from ._kernel import as_engine_cotangent, is_float
+from ._remat import make_plan, validate_remat
+from ._types import Carry, Params, PyTree, StepFn
+
+
+def check_options(truncation, remat, clip_norm, unroll) -> None:
+    v.check_truncation(truncation)
+    validate_remat(remat)
+    v.check_clip_norm(clip_norm)
+    if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
+        raise ValueError(f"unroll must be a positive int (steps per loop iteration, as in lax.scan); got unroll={unroll!r}.")
+
+
+def traced_options(truncation, clip_norm, length):
+    """The loop's static truncation layout, and the option values that stay traced arrays."""
+    truncation = v.static_truncation(truncation)
+    trunc = _reverse.truncation_spec(truncation, length)
+    k = truncation if trunc.active and v.is_traced(truncation) else None
+    clip = None if clip_norm is None else jnp.asarray(clip_norm)
+    return trunc, k, clip
+
+
+def resolve_truncation(trunc: _reverse.Truncation, k):
+    """Put a traced chunk length into the static layout."""
+    return trunc if k is None else trunc._replace(k1=k, k2=k)
+
+
+def poison_invalid(grads: PyTree, k, clip) -> PyTree:
+    """Traced options cannot be checked at trace time: out-of-range values give NaN gradients."""
+    ok = True
+    if k is not None:
+        ok = ok & (k >= 1)
+    if clip is not None:
+        ok = ok & (clip > 0) & jnp.isfinite(clip)
+    if ok is True:
+        return grads
+    return jax.tree.map(lambda g: g if g.dtype == jax.dtypes.float0 else jnp.where(ok, g, jnp.nan).astype(g.dtype), grads)
+
+
+def cast_like(tree: PyTree, like: PyTree) -> PyTree:
+    return jax.tree.map(lambda g, p: g if not is_float(p) else g.astype(jnp.result_type(p)), tree, like)
+
+
+def _differentiable_unroll(step, trunc, plan, unroll):
+    @jax.custom_vjp
+    def run(params, carry, xs, k, clip):
+        del k, clip
+        return lax.scan(lambda c, x: step(params, c, x), carry, xs, unroll=unroll)
+
+    def run_fwd(params, carry, xs, k, clip):
+        kernel, consts = _reverse.setup(step, params, carry, xs)
+        final, ys, saved = _reverse.forward(kernel, params, consts, carry, xs, plan, unroll=unroll)
+        return (final, ys), (params, carry, xs, consts, saved, k, clip)
+
+    def run_bwd(residuals, cotangents):
+        params, carry, xs, consts, saved, k, clip = residuals
+        ct_final, ct_ys = cotangents
+        kernel, _ = _reverse.setup(step, params, carry, xs)
+        dparams, dcarry, dxs, _ = _reverse.backward(
+            kernel, params, consts, xs, saved, plan,
+            ct_final=as_engine_cotangent(ct_final, carry), ct_ys=ct_ys,
+            trunc=resolve_truncation(trunc, k), clip_norm=clip, unroll=unroll,
+        )
+        dcarry = jax.tree.map(
+            lambda g, c: g.astype(c.dtype) if is_float(c) else np.zeros(c.shape, jax.dtypes.float0), dcarry, carry
+        )
+        grads = poison_invalid((cast_like(dparams, params), dcarry, dxs), k, clip)
+        return grads + (None, None if clip is None else jnp.zeros_like(clip))
+
+    run.defvjp(run_fwd, run_bwd)
+    return run
+
+
+def unroll(
+    step: StepFn,
+    params: Params,
+    carry: Carry,
+    xs: PyTree,
+    *,
+    truncation=None,
+    remat=None,
+    clip_norm=None,
+    reverse: bool = False,
+    unroll: int = 1,
+) -> tuple[Carry, PyTree]:
+    """Run `step` over time, with reverse-mode derivatives from the hand-written reverse scan.
+
+    Type: `unroll :: (p -> c -> a -> (c, b)) -> p -> c -> [a] -> (c, [b])`, time being the leading
+    axis of every leaf of `xs` and of the returned `ys`. The forward values are exactly those of::
+
+      def unroll(step, params, carry, xs):
+        ys = []
+        for t in range(T):
+          carry, y = step(params, carry, tree_map(lambda a: a[t], xs))
+          ys.append(y)
+        return carry, tree_map(stack, *ys)
+
+    `jax.grad` (or `jax.vjp`) of any function of `(final_carry, ys)` with respect to `params`,
+    `carry` or `xs` runs the reverse scan: the carry adjoint goes back step by step, and parameter
+    and input gradients are formed afterwards, block by block, as large matrix products. The
+    gradient options change that backward pass only (see DESIGN section 3):
+
+    - `truncation=k`: chunked truncated BPTT; the carry entering step t is treated as a constant
+      when `t > 0 and t % k == 0`. `k` may be a traced integer (vmap over it).
+    - `truncation=(k1, k2)`: Williams & Peng; the errors of each chunk of k1 steps go back through a
+      window of k2 steps. A cotangent of the final carry counts as an error of the last chunk.
+    - `clip_norm=c`: at every step the cotangent of the carry entering it is rescaled to global
+      norm at most c before it flows further back.
+    - `remat`: None keeps every step's residuals; an int s keeps every s-th carry and recomputes;
+      `"sqrt"` uses s = ceil(sqrt(T)).
+
+    Forward mode (`jax.jvp`, `jax.jacfwd`) is not supported through this custom VJP; for it, use
+    the plain `lax.scan` oracle (`jaxbptt.reference_unroll`).
+
+    Args:
+      step: `step(params, carry, x) -> (carry, y)`, pure; the carry keeps its structure, shapes and
+        dtypes.
+      params: pytree of parameters.
+      carry: the initial carry.
+      xs: pytree whose leaves have time as the leading axis (length T).
+      truncation: None (exact BPTT), an int k >= 1, or a pair (k1, k2) with 1 <= k1 <= k2.
+      remat: None, a positive int, or "sqrt".
+      clip_norm: None or a float > 0.
+      reverse: run from the last step to the first, as in `lax.scan` (truncation chunks then
+        count from the end).
+      unroll: steps per loop iteration in the inner scans, as in `lax.scan`.
+
+    Returns:
+      `(final_carry, ys)`, `ys` stacked along a leading time axis.
+
+    Raises:
+      TypeError: `step` is not callable, or it changes the carry's structure, shapes or dtypes.
+      ValueError: leaves of `xs` disagree on the time length, or an option is out of range.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbptt as jb
+      >>> model = jb.with_readout(jb.elman(16), 1)
+      >>> params = model.init(jax.random.key(0), 3)
+      >>> xs = jnp.ones((20, 4, 3))                      # (T, batch, input)
+      >>> def loss(params):
+      ...   final, ys = jb.unroll(model.step, params, model.initial_carry((4,)), xs)
+      ...   return jnp.sum(ys ** 2) + jnp.sum(final ** 2)
+      >>> grads = jax.grad(loss)(params)
+      >>> grads["cell"]["W_hh"].shape
+      (16, 16)
+    """
+    v.check_callable("step", step)
+    check_options(truncation, remat, clip_norm, unroll)
+    length = v.time_length("xs", xs)
+    carry = v.check_carry(step, params, carry, xs)
+    if length == 0:
+        return _reverse.zero_length_outputs(step, params, carry, xs)
+    if reverse:
+        xs = jax.tree.map(lambda a: jnp.flip(a, axis=0), xs)
+    trunc, k, clip = traced_options(truncation, clip_norm, length)
+    plan = make_plan(length, remat, _reverse.rows_per_step(carry))
+    final, ys = _differentiable_unroll(step, trunc, plan, unroll)(params, carry, xs, k, clip)
+    if reverse:
+        ys = jax.tree.map(lambda a: jnp.flip(a, axis=0), ys)
+    return final, ys
