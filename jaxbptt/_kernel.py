@@ -5,10 +5,13 @@ The engine (`_reverse.py`) never differentiates a whole scan. It asks a `Kernel`
     us      = project(params, xs_block)                # carry-independent input work, all steps at once
     carry, out, res = forward(params, consts, carry, u) # one step; `out` and `res` are kept per step
     ys      = post(params, outs_block)                 # carry-independent output work, all steps at once
-    ct_carry_prev, local = backward(params, consts, out, res, ct_carry, ct_out)   # one step, carry only
-    dparams, dus = grads(params, consts, carry_start, us_block, outs_block, res_block, locals_block)
+    ct_carry_prev, local = backward(params, consts, out, prev_out, res, ct_carry, ct_out)  # carry only
+    dparams, dus = grads(params, consts, carry_start, us_block, outs_block, prev_outs_block, res_block,
+                         locals_block)
 
-`backward` is the only piece inside the sequential reverse loop and touches nothing but the carry
+`prev_out` is the previous step's `out`, which the engine reads from the block's stored outputs
+(and, for the block's first step, from its starting carry with `previous_out(carry)`); kernels whose
+`out` is not part of the carry set `previous_out=None` and receive None. `backward` is the only piece inside the sequential reverse loop and touches nothing but the carry
 adjoint; it must be linear in `(ct_carry, ct_out)`, and so must `local`, the per-step value from
 which `grads` forms parameter and input gradients for a whole block of steps at once (large matrix
 products instead of one small accumulation per step). `consts = prepare(params, carry, u)` holds
@@ -17,21 +20,23 @@ loop-invariant values, computed once outside every loop.
 Built-in cells supply hand-derived kernels (see `_cells.py`). Any other step gets `generic_kernel`:
 `forward` keeps only the time-varying residuals of the step's VJP with respect to the carry (what
 depends on the parameters alone, such as the weight matrices, is found by a dependency walk over the
-step's jaxpr and kept once in `consts`), and `grads` evaluates the parameter VJP of the step vmapped
-over the block's steps with the parameters unbatched, which JAX turns into contractions over
-time and batch together.
+step's jaxpr and kept once in `consts`; residuals that are leaves of the new carry are read from the
+stored carry), and `grads` evaluates the parameter VJP of the step over all the block's steps at
+once, with time folded into the batch axis when `_fold.is_rowwise` proves that exact, else vmapped
+over time with the parameters unbatched.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
+from ._fold import is_rowwise
 from ._types import PyTree
 
 
@@ -44,6 +49,7 @@ class Kernel(NamedTuple):
     backward: Callable[..., tuple[PyTree, PyTree]]
     grads: Callable[..., tuple[PyTree, PyTree]]
     post: Callable[..., PyTree]
+    previous_out: Optional[Callable[[PyTree], PyTree]] = None
 
 
 class Step:
@@ -110,45 +116,70 @@ def generic_kernel(step: Callable, params: PyTree, carry: PyTree, u: PyTree) -> 
     structure: dict[str, Any] = {}
 
     def residual_leaves(p, c, x):
-        (_, _), vjp_fn = jax.vjp(lambda c_: step(p, c_, x), c)
+        (new_c, _), vjp_fn = jax.vjp(lambda c_: step(p, c_, x), c)
         leaves, structure["treedef"] = jax.tree.flatten(vjp_fn)
-        return leaves
+        return leaves, jax.tree.leaves(new_c)
 
     closed = jax.make_jaxpr(residual_leaves)(params, carry, u)
     n_params = len(jax.tree.leaves(params))
     n_rest = len(jax.tree.leaves(carry)) + len(jax.tree.leaves(u))
-    varying = _varying_outputs(closed, [False] * n_params + [True] * n_rest)
     treedef = structure["treedef"]
+    n_res = treedef.num_leaves
+    varying = _varying_outputs(closed, [False] * n_params + [True] * n_rest)[:n_res]
+    # A residual that is a leaf of the new carry (tanh's output, say) is read from the stored carry.
+    outvars = closed.jaxpr.outvars
+    carry_index = {id(v): j for j, v in enumerate(outvars[n_res:]) if not isinstance(v, jex_core.Literal)}
+    source = [
+        ("carry", carry_index[id(v)]) if var and id(v) in carry_index else ("kept" if var else "const", None)
+        for v, var in zip(outvars[:n_res], varying)
+    ]
 
     def prepare(p, c, x):
-        leaves = residual_leaves(p, c, x)
-        return [leaf for leaf, v in zip(leaves, varying) if not v]
+        leaves, _ = residual_leaves(p, c, x)
+        return [leaf for leaf, (kind, _) in zip(leaves, source) if kind == "const"]
 
     def forward(p, consts, c, x):
         del consts
         (new_c, y), vjp_fn = jax.vjp(lambda c_: step(p, c_, x), c)
         leaves = jax.tree.leaves(vjp_fn)
-        kept = [leaf for leaf, v in zip(leaves, varying) if v]
-        return new_c, y, (kept, c)
+        kept = [leaf for leaf, (kind, _) in zip(leaves, source) if kind == "kept"]
+        return new_c, y, (kept, new_c)
 
-    def backward(p, consts, out, res, ct_carry, ct_out):
-        del p
-        kept, carry_in = res
-        kept_it, const_it = iter(kept), iter(consts)
-        leaves = [next(kept_it) if v else next(const_it) for v in varying]
+    def backward(p, consts, out, prev_out, res, ct_carry, ct_out):
+        del p, prev_out
+        kept, new_carry = res
+        its = {"kept": iter(kept), "const": iter(consts)}
+        carry_leaves = jax.tree.leaves(new_carry)
+        leaves = [carry_leaves[j] if kind == "carry" else next(its[kind]) for kind, j in source]
         vjp_fn = jax.tree.unflatten(treedef, leaves)
-        (ct_prev,) = vjp_fn((as_jax_cotangent(ct_carry, carry_in), as_jax_cotangent(ct_out, out)))
-        return as_engine_cotangent(ct_prev, carry_in), (ct_carry, ct_out)
+        (ct_prev,) = vjp_fn((as_jax_cotangent(ct_carry, new_carry), as_jax_cotangent(ct_out, out)))
+        return as_engine_cotangent(ct_prev, new_carry), (ct_carry, ct_out)
 
-    def grads(p, consts, carry_start, us, outs, res, locals_):
-        del consts, carry_start
-        _, carries_in = res
+    def grads(p, consts, carry_start, us, outs, prev_outs, res, locals_):
+        del consts, prev_outs
+        carries_in = jax.tree.map(lambda s, n: jnp.concatenate([s[None], n[:-1]]), carry_start, res[1])
+        ct_carry, ct_out = locals_
+        cts = (as_jax_cotangent(ct_carry, carries_in), as_jax_cotangent(ct_out, outs))
+        first = (_spec(p), _spec(carries_in, lambda s: s[1:]), _spec(us, lambda s: s[1:]))
+        folded = (_spec(carries_in, _fold_shape), _spec(us, _fold_shape))
+        if is_rowwise(step, *first, *folded):
+            # Time folded into the leading (batch) axis: one 2-D VJP for the whole block.
+            fold = functools.partial(jax.tree.map, lambda a: a.reshape(_fold_shape(a.shape)))
+            _, vjp_fn = jax.vjp(lambda p_, us_: step(p_, fold(carries_in), fold(us_)), p, us)
+            return vjp_fn(fold(cts))
         batched = jax.vmap(step, in_axes=(None, 0, 0))
         _, vjp_fn = jax.vjp(lambda p_, us_: batched(p_, carries_in, us_), p, us)
-        ct_carry, ct_out = locals_
-        return vjp_fn((as_jax_cotangent(ct_carry, carries_in), as_jax_cotangent(ct_out, outs)))
+        return vjp_fn(cts)
 
     return Kernel(prepare, identity_project, forward, backward, grads, identity_post)
+
+
+def _fold_shape(shape):
+    return (shape[0] * shape[1],) + tuple(shape[2:]) if len(shape) >= 2 else tuple(shape)
+
+
+def _spec(tree: PyTree, shape=lambda s: s) -> PyTree:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(shape(tuple(np.shape(a))), jnp.result_type(a)), tree)
 
 
 def zeros_like_tree(tree: PyTree, dtype=None) -> PyTree:

@@ -91,6 +91,7 @@ def _run_block(kernel: Kernel, params, consts, carry, xs_block, unroll):
     us = kernel.project(params, xs_block)
 
     def one_step(c, u):
+        u = lax.optimization_barrier(u)  # see step_fn in `backward`
         c, out, res = kernel.forward(params, consts, c, u)
         return c, (out, res)
 
@@ -143,18 +144,18 @@ def _expand(mask, leaf):
     return mask.reshape(mask.shape + (1,) * (leaf.ndim - mask.ndim))
 
 
-def _adjoint_step(kernel, params, consts, out, res, slots, ct_out, t, trunc, clip_norm, diagnostics):
+def _adjoint_step(kernel, params, consts, out, prev_out, res, slots, ct_out, t, trunc, clip_norm, diagnostics):
     """One step of the reverse loop: slots hold the cotangents of carry_t, one per live window."""
     m = trunc.slots
     if m == 1:
         a = jax.tree.map(lambda s: s[0], slots)
-        a_prev, local = kernel.backward(params, consts, out, res, a, ct_out)
+        a_prev, local = kernel.backward(params, consts, out, prev_out, res, a, ct_out)
         a_prev = jax.tree.map(lambda x: x[None], a_prev)
     else:
         own = jnp.arange(m) == (t // trunc.k1) % m  # the errors at t belong to t's own chunk
         ct_out_slots = jax.tree.map(lambda c: jnp.where(_expand(own, c[None]), c[None], 0).astype(c.dtype), ct_out)
-        backward = jax.vmap(kernel.backward, in_axes=(None, None, None, None, 0, 0))
-        a_prev, local_slots = backward(params, consts, out, res, slots, ct_out_slots)
+        backward = jax.vmap(kernel.backward, in_axes=(None, None, None, None, None, 0, 0))
+        a_prev, local_slots = backward(params, consts, out, prev_out, res, slots, ct_out_slots)
         local = jax.tree.map(lambda x: jnp.sum(x, axis=0), local_slots)
 
     record = None
@@ -244,15 +245,22 @@ def backward(
                 value, head_vjp = jax.vjp(lambda p, o: _block_loss(loss_fn, kernel.post(p, o), tg), params, outs)
                 dp_post, ct_outs = head_vjp(jnp.ones_like(value))
 
+            prev_outs = None
+            if kernel.previous_out is not None:
+                first = kernel.previous_out(carry_start)
+                prev_outs = jax.tree.map(lambda f, o: jnp.concatenate([f[None], o[:-1]]), first, outs)
+
             def step_fn(slots, inputs):
-                j, out, r, ct_out = inputs
+                j, step_inputs = inputs
+                # Keeps XLA from fusing the per-step slices into several consumers (faster on CPU).
+                out, prev_out, r, ct_out = lax.optimization_barrier(step_inputs)
                 slots, local, record = _adjoint_step(
-                    kernel, params, consts, out, r, slots, ct_out, t0 + j, trunc, clip_norm, diagnostics
+                    kernel, params, consts, out, prev_out, r, slots, ct_out, t0 + j, trunc, clip_norm, diagnostics
                 )
                 return slots, (local, record)
 
             slots, (locals_, record) = lax.scan(
-                step_fn, slots, (jnp.arange(block), outs, res, ct_outs), reverse=True, unroll=unroll
+                step_fn, slots, (jnp.arange(block), (outs, prev_outs, res, ct_outs)), reverse=True, unroll=unroll
             )
             x_leaves, x_tree = jax.tree.flatten(xs_block)
 
@@ -261,7 +269,7 @@ def backward(
                 return kernel.project(p, x_tree.unflatten([next(it) if d else x for x, d in zip(x_leaves, x_diff)]))
 
             us, project_vjp = jax.vjp(project, params, [x for x, d in zip(x_leaves, x_diff) if d])
-            dp_core, dus = kernel.grads(params, consts, carry_start, us, outs, res, locals_)
+            dp_core, dus = kernel.grads(params, consts, carry_start, us, outs, prev_outs, res, locals_)
             dp_proj, dx = project_vjp(dus)
             acc = _add(_add(_add(acc, dp_post), dp_core), dp_proj)
             return (slots, acc), (dx, record)
