@@ -86,7 +86,7 @@ def value_and_grad(
       >>> import jax, jax.numpy as jnp, jaxbptt as jb
       >>> model = jb.with_readout(jb.lstm(32), 1)
       >>> params = model.init(jax.random.key(0), 2)
-      >>> xs, targets = jnp.ones((50, 8, 2)), jnp.zeros((50, 8, 1))
+      >>> xs, targets = jnp.ones((50, 8, 2), jnp.float32), jnp.zeros((50, 8, 1), jnp.float32)
       >>> mse = lambda y, t: jnp.mean((y - t) ** 2)
       >>> f = jax.jit(jb.value_and_grad(model.step, mse, truncation=10, clip_norm=1.0))
       >>> (loss, final), grads = f(params, model.initial_carry((8,)), xs, targets)

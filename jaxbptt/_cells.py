@@ -59,7 +59,7 @@ def _dense(x, w, b=None):
     """`x @ w (+ b)` over any leading dims, as one 2-D matrix product."""
     y = x.reshape(-1, x.shape[-1]) @ w
     if b is not None:
-        y = y + b
+        y = y + b[None]
     return y.reshape(x.shape[:-1] + (w.shape[-1],))
 
 
@@ -196,8 +196,9 @@ def _gate_constants(kinds: str, z):
     """Per-column (scale, shift) so that `a = scale * tanh(scale * z) + shift` applies, block by
     block of H columns, a sigmoid ("s": 0.5 tanh(z / 2) + 0.5) or a tanh ("t")."""
     width = z.shape[-1] // len(kinds)
-    scale = jnp.repeat(jnp.asarray([0.5 if k == "s" else 1.0 for k in kinds], z.dtype), width)
-    shift = jnp.repeat(jnp.asarray([0.5 if k == "s" else 0.0 for k in kinds], z.dtype), width)
+    lead = (1,) * (z.ndim - 1)
+    scale = jnp.repeat(jnp.asarray([0.5 if k == "s" else 1.0 for k in kinds], z.dtype), width).reshape(lead + (-1,))
+    shift = jnp.repeat(jnp.asarray([0.5 if k == "s" else 0.0 for k in kinds], z.dtype), width).reshape(lead + (-1,))
     return scale, shift
 
 

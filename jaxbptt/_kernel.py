@@ -61,9 +61,9 @@ class Step:
     """
 
     def __init__(self, fn: Callable, make_kernel: Callable[..., Kernel]):
+        functools.update_wrapper(self, fn, updated=())
         self._fn = fn
         self.make_kernel = make_kernel
-        functools.update_wrapper(self, fn)
 
     def __call__(self, params, carry, x):
         return self._fn(params, carry, x)

@@ -143,7 +143,7 @@ def reference_value_and_grad(step, loss_fn, *, argnums=0, truncation=None, clip_
       >>> model = jb.elman(4)
       >>> params = model.init(jax.random.key(0), 2)
       >>> mse = lambda y, t: jnp.mean((y - t) ** 2)
-      >>> args = (params, model.initial_carry(), jnp.ones((9, 2)), jnp.zeros((9, 4)))
+      >>> args = (params, model.initial_carry(), jnp.ones((9, 2), jnp.float32), jnp.zeros((9, 4), jnp.float32))
       >>> (l1, _), g1 = jb.reference_value_and_grad(model.step, mse, truncation=3)(*args)
       >>> (l2, _), g2 = jb.value_and_grad(model.step, mse, truncation=3)(*args)
       >>> bool(jnp.allclose(g1["W_hh"], g2["W_hh"], rtol=1e-5, atol=1e-6))
@@ -197,7 +197,7 @@ def check_grads(step, loss_fn, params, carry, xs, targets, *, rtol=None, **optio
       >>> params = model.init(jax.random.key(0), 3)
       >>> mse = lambda y, t: jnp.mean((y - t) ** 2)
       >>> err = jb.check_grads(model.step, mse, params, model.initial_carry((2,)),
-      ...                      jnp.ones((30, 2, 3)), jnp.zeros((30, 2, 8)), truncation=(5, 10))
+      ...                      jnp.ones((30, 2, 3), jnp.float32), jnp.zeros((30, 2, 8), jnp.float32), truncation=(5, 10))
       >>> err < 1e-4
       True
     """

@@ -147,7 +147,7 @@ def unroll(
       >>> import jax, jax.numpy as jnp, jaxbptt as jb
       >>> model = jb.with_readout(jb.elman(16), 1)
       >>> params = model.init(jax.random.key(0), 3)
-      >>> xs = jnp.ones((20, 4, 3))                      # (T, batch, input)
+      >>> xs = jnp.ones((20, 4, 3), jnp.float32)                      # (T, batch, input)
       >>> def loss(params):
       ...   final, ys = jb.unroll(model.step, params, model.initial_carry((4,)), xs)
       ...   return jnp.sum(ys ** 2) + jnp.sum(final ** 2)
