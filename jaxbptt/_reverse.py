@@ -91,7 +91,6 @@ def _run_block(kernel: Kernel, params, consts, carry, xs_block, unroll):
     us = kernel.project(params, xs_block)
 
     def one_step(c, u):
-        u = lax.optimization_barrier(u)  # see step_fn in `backward`
         c, out, res = kernel.forward(params, consts, c, u)
         return c, (out, res)
 
@@ -251,9 +250,7 @@ def backward(
                 prev_outs = jax.tree.map(lambda f, o: jnp.concatenate([f[None], o[:-1]]), first, outs)
 
             def step_fn(slots, inputs):
-                j, step_inputs = inputs
-                # Keeps XLA from fusing the per-step slices into several consumers (faster on CPU).
-                out, prev_out, r, ct_out = lax.optimization_barrier(step_inputs)
+                j, (out, prev_out, r, ct_out) = inputs
                 slots, local, record = _adjoint_step(
                     kernel, params, consts, out, prev_out, r, slots, ct_out, t0 + j, trunc, clip_norm, diagnostics
                 )

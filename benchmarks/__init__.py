@@ -1,0 +1,1 @@
+"""jaxbptt benchmarks: `python -m benchmarks` (see README)."""

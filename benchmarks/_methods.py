@@ -1,0 +1,44 @@
+"""The compared methods: each maps a problem to a jit-able `f(params, carry, xs, targets) -> (value, grads)`
+with gradients with respect to the parameters."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+import jaxbptt as jb
+
+from ._problems import Problem, mse
+
+BASELINE = "jax.grad"
+
+
+def autodiff(step: Callable, loss_fn: Callable = mse) -> Callable:
+    """`jax.value_and_grad` through `lax.scan` of the same step and loss: the baseline."""
+
+    def loss(params, carry, xs, targets):
+        def body(c, inputs):
+            c, y = step(params, c, inputs[0])
+            return c, loss_fn(y, inputs[1])
+
+        _, losses = lax.scan(body, carry, (xs, targets))
+        return jnp.sum(losses)
+
+    return jax.value_and_grad(loss)
+
+
+def _jaxbptt(**options) -> Callable:
+    def build(problem: Problem) -> Callable:
+        f = jb.value_and_grad(problem.step, mse, **options)
+        return lambda *args: (lambda out: (out[0][0], out[1]))(f(*args))
+
+    return build
+
+
+METHODS: dict[str, Callable[[Problem], Callable]] = {
+    BASELINE: lambda problem: autodiff(problem.step),
+    "jaxbptt": _jaxbptt(),
+}

@@ -1,0 +1,73 @@
+"""Benchmark problems: a model step, its loss and data, at one size."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+import jaxbptt as jb
+
+OUTPUT_SIZE = 10
+
+
+def mse(y, t):
+    return jnp.mean((y - t) ** 2)
+
+
+class Problem(NamedTuple):
+    cell: str
+    T: int
+    B: int
+    D: int
+    H: int
+    step: Callable
+    params: Any
+    carry: Any
+    xs: jax.Array
+    targets: jax.Array
+
+
+def _two_layer(H: int) -> jb.Cell:
+    """The user-defined step of the benchmarks: two stacked tanh layers, a dict carry, a readout.
+    It takes jaxbptt's generic path (no hand-derived kernel)."""
+
+    def init(key, D, dtype=jnp.float32):
+        k = jax.random.split(key, 3)
+        normal = lambda k_, shape: (jax.random.normal(k_, shape) / jnp.sqrt(shape[0])).astype(dtype)
+        return {"W1": normal(k[0], (D + H, H)), "b1": jnp.zeros((H,), dtype),
+                "W2": normal(k[1], (2 * H, H)), "b2": jnp.zeros((H,), dtype), "Wy": normal(k[2], (H, OUTPUT_SIZE))}
+
+    def initial_carry(batch_shape=(), dtype=jnp.float32):
+        return {"h1": jnp.zeros(batch_shape + (H,), dtype), "h2": jnp.zeros(batch_shape + (H,), dtype)}
+
+    def step(p, c, x):
+        h1 = jnp.tanh(jnp.concatenate([x, c["h1"]], -1) @ p["W1"] + p["b1"])
+        h2 = jnp.tanh(jnp.concatenate([h1, c["h2"]], -1) @ p["W2"] + p["b2"])
+        return {"h1": h1, "h2": h2}, h2 @ p["Wy"]
+
+    return jb.Cell(init, initial_carry, step)
+
+
+MODELS = {
+    "elman": lambda H: jb.with_readout(jb.elman(H), OUTPUT_SIZE),
+    "lstm": lambda H: jb.with_readout(jb.lstm(H), OUTPUT_SIZE),
+    "gru": lambda H: jb.with_readout(jb.gru(H), OUTPUT_SIZE),
+    "custom": _two_layer,
+}
+
+
+def make_problem(cell: str, T: int, B: int, D: int, H: int, dtype=jnp.float32, seed: int = 0) -> Problem:
+    model = MODELS[cell](H)
+    kp, kx, kt = jax.random.split(jax.random.key(seed), 3)
+    params = model.init(kp, D, dtype)
+    xs = jax.random.normal(kx, (T, B, D), dtype)
+    targets = jax.random.normal(kt, (T, B, OUTPUT_SIZE), dtype)
+    return Problem(cell, T, B, D, H, model.step, params, model.initial_carry((B,), dtype), xs, targets)
+
+
+def as_float64(problem: Problem) -> Problem:
+    cast = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float64), tree)
+    return problem._replace(params=cast(problem.params), carry=cast(problem.carry), xs=cast(problem.xs),
+                            targets=cast(problem.targets))
