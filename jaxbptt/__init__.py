@@ -13,8 +13,15 @@ from ._cells import elman as elman
 from ._cells import gru as gru
 from ._cells import lstm as lstm
 from ._cells import with_readout as with_readout
+from ._combinators import lengths_to_mask as lengths_to_mask
+from ._combinators import masked as masked
+from ._combinators import resettable as resettable
+from ._combinators import stacked as stacked
 from ._kernel import Kernel as Kernel
 from ._kernel import Step as Step
+from ._online import OnlineState as OnlineState
+from ._online import OnlineTBPTT as OnlineTBPTT
+from ._online import online_tbptt as online_tbptt
 from ._reference import check_grads as check_grads
 from ._reference import clip_identity as clip_identity
 from ._reference import reference_unroll as reference_unroll
@@ -29,14 +36,21 @@ __all__ = [
     "Diagnostics",
     "Kernel",
     "LSTMState",
+    "OnlineState",
+    "OnlineTBPTT",
     "Step",
     "check_grads",
     "clip_identity",
     "elman",
     "gru",
+    "lengths_to_mask",
     "lstm",
+    "masked",
+    "online_tbptt",
     "reference_unroll",
     "reference_value_and_grad",
+    "resettable",
+    "stacked",
     "unroll",
     "value_and_grad",
     "with_readout",

@@ -1,0 +1,137 @@
+"""Step combinators: a step in, a step out, so that every gradient option keeps working with no
+special case in the engine (DESIGN section 6)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._types import PyTree, StepFn
+
+
+def _over_rows(flags: jax.Array, leaf: jax.Array) -> jax.Array:
+    """`flags` (batch shape) broadcast against a leaf whose leading dims are that batch shape."""
+    return flags.reshape(flags.shape + (1,) * (leaf.ndim - flags.ndim))
+
+
+def _check_flags(name: str, flags, tree: PyTree, what: str) -> None:
+    if not jnp.issubdtype(jnp.result_type(flags), jnp.bool_):
+        raise TypeError(f"{name} must be a bool array of the batch shape; got dtype {jnp.result_type(flags).name}.")
+    shape = np.shape(flags)
+    for keypath, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if np.shape(leaf)[: len(shape)] != shape:
+            raise ValueError(
+                f"{name} must have the batch shape, the leading dims of every {what} leaf; got {name} of "
+                f"shape {shape} but {what}{jax.tree_util.keystr(keypath)} has shape {np.shape(leaf)}."
+            )
+
+
+def masked(step: StepFn) -> StepFn:
+    """A step that skips masked-out rows: its input is `(x, m)`, `m` a bool array of the batch shape.
+
+    Where `m` is false the carry passes through unchanged and `y` is zeros, so padded steps
+    contribute nothing to the loss or to any gradient. Padded inputs must be finite (zeros, say):
+    a zero cotangent times a non-finite residual is still NaN, and jaxbptt never hides a NaN.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbptt as jb
+      >>> cell = jb.elman(4)
+      >>> params = cell.init(jax.random.key(0), 2)
+      >>> xs = jnp.ones((5, 3, 2), jnp.float32)
+      >>> mask = jb.lengths_to_mask(jnp.array([5, 2, 0]), 5)
+      >>> final, ys = jb.unroll(jb.masked(cell.step), params, cell.initial_carry((3,)), (xs, mask))
+      >>> bool(jnp.all(final[2] == 0)), bool(jnp.all(ys[2:, 1] == 0))
+      (True, True)
+    """
+
+    def masked_step(params, carry, inputs):
+        x, m = inputs
+        _check_flags("mask", m, carry, "carry")
+        new_carry, y = step(params, carry, x)
+        carry = jax.tree.map(lambda new, old: jnp.where(_over_rows(m, new), new, old), new_carry, carry)
+        return carry, jax.tree.map(lambda a: jnp.where(_over_rows(m, a), a, jnp.zeros((), a.dtype)), y)
+
+    return masked_step
+
+
+def lengths_to_mask(lengths: jax.Array, length: int) -> jax.Array:
+    """A time-major `(length, *lengths.shape)` bool mask, true where `t < lengths` (right padding)."""
+    lengths = jnp.asarray(lengths)
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"lengths must be an integer array; got dtype {lengths.dtype}.")
+    t = jnp.arange(length).reshape((length,) + (1,) * lengths.ndim)
+    return t < lengths[None]
+
+
+def resettable(step: StepFn, initial_carry: PyTree) -> StepFn:
+    """A step whose input is `(x, reset)`: where `reset` (a bool array of the batch shape) is true,
+    the carry is replaced by `initial_carry` (broadcast over the batch) before the step - episode
+    boundaries, as in reinforcement learning. Gradients stop at a reset, as across episodes.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxbptt as jb
+      >>> count = lambda p, c, x: (c + x, c + x)
+      >>> resets = jnp.array([[False], [False], [True], [False]])
+      >>> _, ys = jb.unroll(jb.resettable(count, jnp.zeros(())), None, jnp.zeros((1,)), (jnp.ones((4, 1)), resets))
+      >>> ys[:, 0].tolist()
+      [1.0, 2.0, 1.0, 2.0]
+    """
+
+    def resettable_step(params, carry, inputs):
+        x, reset = inputs
+        _check_flags("reset", reset, carry, "carry")
+        fresh = jax.tree.map(lambda init, c: jnp.broadcast_to(jnp.asarray(init, c.dtype), c.shape), initial_carry, carry)
+        carry = jax.tree.map(lambda f, c: jnp.where(_over_rows(reset, c), f, c), fresh, carry)
+        return step(params, carry, x)
+
+    return resettable_step
+
+
+def stacked(*steps: StepFn, residual: bool = False) -> StepFn:
+    """A deep RNN: params and carry are tuples with one entry per layer, layer i's output is layer
+    i+1's input, and the stacked step's output is the last layer's. With `residual=True`, each layer
+    after the first adds its input to its output (the shapes must match).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbptt as jb
+      >>> l1, l2 = jb.lstm(8), jb.gru(8)
+      >>> step = jb.stacked(l1.step, l2.step, residual=True)
+      >>> params = (l1.init(jax.random.key(0), 3), l2.init(jax.random.key(1), 8))
+      >>> carry = (l1.initial_carry((2,)), l2.initial_carry((2,)))
+      >>> carry, y = step(params, carry, jnp.ones((2, 3)))
+      >>> y.shape
+      (2, 8)
+    """
+    if not steps:
+        raise ValueError("stacked needs at least one step.")
+    for i, s in enumerate(steps):
+        if not callable(s):
+            raise TypeError(f"stacked: step {i} must be callable; got {s!r}.")
+
+    def stacked_step(params, carry, x):
+        for name, value in (("params", params), ("carry", carry)):
+            if not isinstance(value, (tuple, list)) or len(value) != len(steps):
+                raise ValueError(
+                    f"stacked with {len(steps)} layers needs {name} as a tuple of {len(steps)} entries, one per "
+                    f"layer; got {type(value).__name__}"
+                    + (f" of length {len(value)}." if isinstance(value, (tuple, list)) else ".")
+                )
+        new_carry = []
+        for i, (s, p, c) in enumerate(zip(steps, params, carry)):
+            c, y = s(p, c, x)
+            if residual and i > 0:
+                if jax.tree.structure(y) != jax.tree.structure(x) or any(
+                    np.shape(a) != np.shape(b) for a, b in zip(jax.tree.leaves(y), jax.tree.leaves(x))
+                ):
+                    raise ValueError(
+                        f"stacked(residual=True): layer {i} output {jax.eval_shape(lambda: y)} does not match its "
+                        f"input {jax.eval_shape(lambda: x)}, so they cannot be added."
+                    )
+                y = jax.tree.map(jnp.add, y, x)
+            new_carry.append(c)
+            x = y
+        return (tuple(new_carry) if isinstance(carry, tuple) else new_carry), x
+
+    return stacked_step
+

@@ -1,0 +1,145 @@
+"""`online_tbptt`: Williams & Peng (k1, k2) truncated BPTT as compiled online training."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from . import _validate as v
+from ._combinators import masked
+from ._types import LossFn, PyTree, StepFn
+from ._unroll import unroll as _unroll
+
+
+class OnlineState(NamedTuple):
+    """The state of `online_tbptt` between calls of `update` (a pytree: vmap over it).
+
+    Attributes:
+      params: the parameters, updated after every chunk of k1 steps.
+      opt_state: the optimizer's state.
+      carry: the carry entering the next window, as the last window's forward pass computed it.
+      history: the k2 - k1 inputs preceding the next chunk, shape=(k2 - k1, ...); None before the
+        first `update` (their shape is only known from the inputs).
+      valid: shape=(k2 - k1,), dtype=bool, whether each history step exists (False before t = 0).
+      chunks: shape=(), dtype=int32, chunks processed so far.
+    """
+
+    params: PyTree
+    opt_state: PyTree
+    carry: PyTree
+    history: Optional[PyTree]
+    valid: jax.Array
+    chunks: jax.Array
+
+
+class OnlineTBPTT(NamedTuple):
+    """An optax-style pair of pure functions: `state = init(params, carry)`,
+    `state, losses = update(state, xs, targets)`."""
+
+    init: Callable[..., OnlineState]
+    update: Callable[..., tuple[OnlineState, jax.Array]]
+
+
+def online_tbptt(
+    step: StepFn,
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    truncation,
+    clip_norm=None,
+    unroll: int = 1,
+) -> OnlineTBPTT:
+    """Online training with truncated BPTT(k1, k2) (Williams & Peng 1990), one compiled scan.
+
+    The stream is cut into chunks of k1 steps. After each chunk the parameters are updated with the
+    gradient of that chunk's losses, backpropagated through a window of the last k2 steps; the
+    window re-runs from the carry that the previous window's forward pass computed at its start, with
+    the parameters now in effect. Roughly::
+
+      for each chunk j of k1 steps:
+        window = the k2 steps ending with chunk j (fewer at the start of the stream)
+        grads = grad of sum(loss_fn(y_t, target_t) for t in chunk j), re-running the window from
+                stop_gradient(carry at the window's start)
+        params = optimizer update of params with grads
+
+    `update` is one `lax.scan` over chunks; its memory does not grow with T beyond `xs` itself, and
+    calling it on two halves of a stream (each a multiple of k1 steps) equals one call on the whole.
+
+    Args:
+      step, loss_fn: as in `jaxbptt.value_and_grad`.
+      optimizer: an `optax.GradientTransformation` (wrap it in `optax.inject_hyperparams` to vmap over
+        learning rates).
+      truncation: `(k1, k2)` with 1 <= k1 <= k2, or an int k meaning `(k, k)`.
+      clip_norm, unroll: as in `jaxbptt.unroll`, applied inside every window.
+
+    Returns:
+      `OnlineTBPTT(init, update)`: `init(params, carry) -> state`;
+      `update(state, xs, targets) -> (state, losses)`, `xs` and `targets` time-major with a length that
+      is a multiple of k1, `losses` of shape (T / k1,): each chunk's summed loss.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, jaxbptt as jb
+      >>> model = jb.with_readout(jb.gru(16), 1)
+      >>> trainer = jb.online_tbptt(model.step, lambda y, t: jnp.mean((y - t) ** 2), optax.sgd(0.1),
+      ...                           truncation=(4, 12))
+      >>> state = trainer.init(model.init(jax.random.key(0), 1), model.initial_carry((8,)))
+      >>> xs = jnp.sin(jnp.arange(40.0))[:, None, None] * jnp.ones((40, 8, 1))
+      >>> state, losses = jax.jit(trainer.update)(state, xs.astype(jnp.float32), xs.astype(jnp.float32))
+      >>> losses.shape, int(state.chunks)
+      ((10,), 10)
+    """
+    v.check_callable("step", step)
+    v.check_callable("loss_fn", loss_fn)
+    if isinstance(truncation, int) and not isinstance(truncation, bool):
+        v.check_truncation(truncation)
+        truncation = (truncation, truncation)
+    if not isinstance(truncation, tuple):
+        raise TypeError(f"online_tbptt needs truncation=(k1, k2) of Python ints (or an int k); got truncation={truncation!r}.")
+    v.check_truncation(truncation)
+    v.check_clip_norm(clip_norm)
+    k1, k2 = truncation
+    span = k2 - k1
+    window_step = masked(step)
+
+    def recording_step(params, carry, inputs):
+        carry, y = window_step(params, carry, inputs)
+        return carry, (y, carry)
+
+    def init(params: PyTree, carry: PyTree) -> OnlineState:
+        return OnlineState(params, optimizer.init(params), carry, None, jnp.zeros((span,), bool), jnp.zeros((), jnp.int32))
+
+    def chunk_update(state: OnlineState, chunk):
+        xs, targets = chunk
+        window_xs = jax.tree.map(lambda h, x: jnp.concatenate([h, x]), state.history, xs)
+        valid = jnp.concatenate([state.valid, jnp.ones((k1,), bool)])  # one flag per step, for all rows
+
+        def window_loss(params):
+            _, (ys, carries) = _unroll(recording_step, params, state.carry, (window_xs, valid),
+                                       clip_norm=clip_norm, unroll=unroll)
+            own = jax.tree.map(lambda y: y[span:], ys)
+            loss = jnp.sum(jax.vmap(loss_fn)(own, targets))
+            return loss, jax.tree.map(lambda c: c[k1 - 1], carries)
+
+        (loss, next_start), grads = jax.value_and_grad(window_loss, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        history = jax.tree.map(lambda w: w[k1:], window_xs)
+        state = OnlineState(params, opt_state, jax.lax.stop_gradient(next_start), history, valid[k1:], state.chunks + 1)
+        return state, loss
+
+    def update(state: OnlineState, xs: PyTree, targets: PyTree) -> tuple[OnlineState, jax.Array]:
+        length = v.time_length("xs", xs)
+        v.check_same_length("targets", targets, length)
+        if length % k1:
+            raise ValueError(f"online_tbptt.update needs a number of steps that is a multiple of k1={k1}; xs has {length}.")
+        if state.history is None:
+            state = state._replace(history=jax.tree.map(lambda x: jnp.zeros((span,) + x.shape[1:], x.dtype), xs))
+        chunked = jax.tree.map(lambda a: a.reshape((length // k1, k1) + a.shape[1:]), (xs, targets))
+        return lax.scan(chunk_update, state, chunked)
+
+    return OnlineTBPTT(init, update)
+

@@ -1,0 +1,98 @@
+"""online_tbptt against a plain Python loop of the same semantics; the two-halves property; vmap."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import jaxbptt as jb
+from steps import problem
+
+
+def reference_online(step, loss_fn, optimizer, k1, k2, params, carry, xs, targets):
+    """Chunk by chunk: re-run the window from the carry the previous window computed, update params."""
+    T = xs.shape[0]
+    opt_state = optimizer.init(params)
+    start_carry, losses = carry, []
+    for j in range(T // k1):
+        s, e = (j + 1) * k1 - k2, (j + 1) * k1
+
+        def window_loss(p):
+            c, total, after = start_carry, 0.0, {}
+            for t in range(max(s, 0), e):
+                c, y = step(p, c, xs[t])
+                after[t] = c
+                if t >= j * k1:
+                    total = total + loss_fn(y, targets[t])
+            return total, after
+
+        (loss, after), grads = jax.value_and_grad(window_loss, has_aux=True)(params)
+        next_start = s + k1
+        start_carry = after[next_start - 1] if next_start - 1 >= max(s, 0) else start_carry
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        losses.append(loss)
+    return params, jnp.stack(losses)
+
+
+@pytest.mark.parametrize("k1, k2", [(3, 7), (4, 4), (2, 9), (5, 6)])
+def test_matches_python_loop(k1, k2):
+    step, loss_fn, params, carry, xs, targets = problem("gru", T=20 if k1 != 3 else 21)
+    trainer = jb.online_tbptt(step, loss_fn, optax.adam(0.05), truncation=(k1, k2))
+    state, losses = jax.jit(trainer.update)(trainer.init(params, carry), xs, targets)
+    ref_params, ref_losses = reference_online(step, loss_fn, optax.adam(0.05), k1, k2, params, carry, xs, targets)
+    chex.assert_trees_all_close(losses, ref_losses, rtol=1e-10)
+    chex.assert_trees_all_close(state.params, ref_params, rtol=1e-10, atol=1e-12)
+    assert int(state.chunks) == xs.shape[0] // k1
+
+
+def test_two_halves_equal_the_whole():
+    step, loss_fn, params, carry, xs, targets = problem("two_layer", T=24)
+    trainer = jb.online_tbptt(step, loss_fn, optax.sgd(0.1), truncation=(4, 10))
+    update = jax.jit(trainer.update)
+    whole, whole_losses = update(trainer.init(params, carry), xs, targets)
+    half, first = update(trainer.init(params, carry), xs[:12], targets[:12])
+    half, second = update(half, xs[12:], targets[12:])
+    chex.assert_trees_all_close(half, whole, rtol=1e-12)
+    chex.assert_trees_all_close(jnp.concatenate([first, second]), whole_losses, rtol=1e-12)
+
+
+def test_vmap_over_learning_rates_and_seeds():
+    step, loss_fn, params, carry, xs, targets = problem("elman", T=12)
+    trainer = jb.online_tbptt(step, loss_fn, optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), truncation=(3, 6))
+    rates = jnp.asarray([0.01, 0.1, 0.3])
+    seeds = jax.vmap(lambda k: jax.tree.map(lambda a: a + 0.01 * jax.random.normal(k, a.shape), params))(
+        jax.random.split(jax.random.key(7), 3))
+
+    def run(lr, p):
+        state = trainer.init(p, carry)
+        state = state._replace(opt_state=state.opt_state._replace(hyperparams={"learning_rate": lr}))
+        return trainer.update(state, xs, targets)
+
+    states, losses = jax.jit(jax.vmap(run))(rates, seeds)
+    for i in range(3):
+        ref_params, ref_losses = reference_online(step, loss_fn, optax.sgd(float(rates[i])), 3, 6,
+                                                  jax.tree.map(lambda a: a[i], seeds), carry, xs, targets)
+        chex.assert_trees_all_close(losses[i], ref_losses, rtol=1e-10)
+        chex.assert_trees_all_close(jax.tree.map(lambda a: a[i], states.params), ref_params, rtol=1e-10)
+
+
+def test_training_reduces_the_loss():
+    step, loss_fn, params, carry, xs, _ = problem("lstm", T=8)
+    xs = jnp.tile(xs, (20, 1, 1))
+    targets = xs[..., :3] - jnp.roll(xs[..., :3], 1, axis=0)  # learnable from the current and last input
+    trainer = jb.online_tbptt(step, loss_fn, optax.adam(0.05), truncation=(8, 16))
+    _, losses = jax.jit(trainer.update)(trainer.init(params, carry), xs, targets)
+    assert float(jnp.mean(losses[-3:])) < 0.5 * float(jnp.mean(losses[:3]))
+
+
+def test_bad_input():
+    step, loss_fn, params, carry, xs, targets = problem("elman", T=10)
+    with pytest.raises(ValueError, match=r"multiple of k1=3; xs has 10"):
+        jb.online_tbptt(step, loss_fn, optax.sgd(0.1), truncation=(3, 5)).update(
+            jb.online_tbptt(step, loss_fn, optax.sgd(0.1), truncation=(3, 5)).init(params, carry), xs, targets)
+    with pytest.raises(ValueError, match=r"truncation=\(k1, k2\) needs 1 <= k1 <= k2"):
+        jb.online_tbptt(step, loss_fn, optax.sgd(0.1), truncation=(5, 3))
+    with pytest.raises(TypeError, match="online_tbptt needs truncation=\\(k1, k2\\)"):
+        jb.online_tbptt(step, loss_fn, optax.sgd(0.1), truncation=None)
