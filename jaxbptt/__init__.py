@@ -22,11 +22,13 @@ from ._kernel import Step as Step
 from ._online import OnlineState as OnlineState
 from ._online import OnlineTBPTT as OnlineTBPTT
 from ._online import online_tbptt as online_tbptt
+from ._plot import plot_gradient_flow as plot_gradient_flow
 from ._reference import check_grads as check_grads
 from ._reference import clip_identity as clip_identity
 from ._reference import reference_unroll as reference_unroll
 from ._reference import reference_value_and_grad as reference_value_and_grad
 from ._reverse import Diagnostics as Diagnostics
+from ._unroll import diagnostics_probe as diagnostics_probe
 from ._unroll import unroll as unroll
 
 __version__ = "0.1.0"
@@ -41,12 +43,14 @@ __all__ = [
     "Step",
     "check_grads",
     "clip_identity",
+    "diagnostics_probe",
     "elman",
     "gru",
     "lengths_to_mask",
     "lstm",
     "masked",
     "online_tbptt",
+    "plot_gradient_flow",
     "reference_unroll",
     "reference_value_and_grad",
     "resettable",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,31 +54,66 @@ def cast_like(tree: PyTree, like: PyTree) -> PyTree:
     return jax.tree.map(lambda g, p: g if not is_float(p) else g.astype(jnp.result_type(p)), tree, like)
 
 
+def diagnostics_probe(length: int, dtype=None) -> _reverse.Diagnostics:
+    """Zeros to pass as `jaxbptt.unroll(..., probe=...)`: the probe's gradient is the diagnostics.
+
+    The forward pass ignores the probe; the reverse scan writes into its cotangent the per-step
+    adjoint norm and the clipped flag (as 0.0 / 1.0), so that `jax.grad` with respect to the probe
+    returns a `jaxbptt.Diagnostics` of the very backward pass that computed the other gradients.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbptt as jb
+      >>> cell = jb.elman(8)
+      >>> params, xs = cell.init(jax.random.key(0), 2), jnp.ones((30, 2), jnp.float32)
+      >>> def loss(params, probe):
+      ...   final, ys = jb.unroll(cell.step, params, cell.initial_carry(), xs, clip_norm=0.5, probe=probe)
+      ...   return jnp.sum(ys[-1])
+      >>> grads, diag = jax.grad(loss, argnums=(0, 1))(params, jb.diagnostics_probe(30))
+      >>> diag.adjoint_norm.shape, bool(diag.clipped[-1])
+      ((30,), True)
+    """
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise ValueError(f"length must be a non-negative int (the number of steps); got {length!r}.")
+    zeros = jnp.zeros((length,), dtype)  # default: JAX's default float (float64 under x64)
+    return _reverse.Diagnostics(zeros, zeros)
+
+
+def _check_probe(probe, length: int) -> None:
+    if not isinstance(probe, _reverse.Diagnostics) or any(jnp.shape(a) != (length,) for a in probe):
+        raise ValueError(
+            f"probe must be jaxbptt.diagnostics_probe({length}) (a Diagnostics of two float arrays of shape "
+            f"({length},), T being the length of xs); got {jax.tree.map(jnp.shape, probe)!r}."
+        )
+
+
 def _differentiable_unroll(step, trunc, plan, unroll):
     @jax.custom_vjp
-    def run(params, carry, xs, k, clip):
-        del k, clip
+    def run(params, carry, xs, k, clip, probe):
+        del k, clip, probe
         return lax.scan(lambda c, x: step(params, c, x), carry, xs, unroll=unroll)
 
-    def run_fwd(params, carry, xs, k, clip):
+    def run_fwd(params, carry, xs, k, clip, probe):
         kernel, consts = _reverse.setup(step, params, carry, xs)
         final, ys, saved = _reverse.forward(kernel, params, consts, carry, xs, plan, unroll=unroll)
-        return (final, ys), (params, carry, xs, consts, saved, k, clip)
+        return (final, ys), (params, carry, xs, consts, saved, k, clip, probe)
 
     def run_bwd(residuals, cotangents):
-        params, carry, xs, consts, saved, k, clip = residuals
+        params, carry, xs, consts, saved, k, clip, probe = residuals
         ct_final, ct_ys = cotangents
         kernel, _ = _reverse.setup(step, params, carry, xs)
-        dparams, dcarry, dxs, _ = _reverse.backward(
+        dparams, dcarry, dxs, diag = _reverse.backward(
             kernel, params, consts, xs, saved, plan,
             ct_final=as_engine_cotangent(ct_final, carry), ct_ys=ct_ys,
             trunc=resolve_truncation(trunc, k), clip_norm=clip, unroll=unroll,
+            diagnostics=probe is not None,
         )
         dcarry = jax.tree.map(
             lambda g, c: g.astype(c.dtype) if is_float(c) else np.zeros(c.shape, jax.dtypes.float0), dcarry, carry
         )
         grads = poison_invalid((cast_like(dparams, params), dcarry, dxs), k, clip)
-        return grads + (None, None if clip is None else jnp.zeros_like(clip))
+        if probe is not None:
+            diag = jax.tree.map(lambda d, p: d.astype(p.dtype), diag, probe)
+        return grads + (None, None if clip is None else jnp.zeros_like(clip), diag)
 
     run.defvjp(run_fwd, run_bwd)
     return run
@@ -93,6 +130,7 @@ def unroll(
     clip_norm=None,
     reverse: bool = False,
     unroll: int = 1,
+    probe=None,
 ) -> tuple[Carry, PyTree]:
     """Run `step` over time, with reverse-mode derivatives from the hand-written reverse scan.
 
@@ -135,6 +173,9 @@ def unroll(
       reverse: run from the last step to the first, as in `lax.scan` (truncation chunks then
         count from the end).
       unroll: steps per loop iteration in the inner scans, as in `lax.scan`.
+      probe: None, or `jaxbptt.diagnostics_probe(T)`; the gradient with respect to it is the
+        `jaxbptt.Diagnostics` of the reverse scan (per-step adjoint norm and clipped flag, indexed
+        by time step).
 
     Returns:
       `(final_carry, ys)`, `ys` stacked along a leading time axis.
@@ -159,13 +200,14 @@ def unroll(
     check_options(truncation, remat, clip_norm, unroll)
     length = v.time_length("xs", xs)
     carry = v.check_carry(step, params, carry, xs)
+    if probe is not None:
+        _check_probe(probe, length)
     if length == 0:
         return _reverse.zero_length_outputs(step, params, carry, xs)
+    flip = functools.partial(jax.tree.map, lambda a: jnp.flip(a, axis=0))
     if reverse:
-        xs = jax.tree.map(lambda a: jnp.flip(a, axis=0), xs)
+        xs, probe = flip(xs), flip(probe)
     trunc, k, clip = traced_options(truncation, clip_norm, length)
     plan = make_plan(length, remat, _reverse.rows_per_step(carry))
-    final, ys = _differentiable_unroll(step, trunc, plan, unroll)(params, carry, xs, k, clip)
-    if reverse:
-        ys = jax.tree.map(lambda a: jnp.flip(a, axis=0), ys)
-    return final, ys
+    final, ys = _differentiable_unroll(step, trunc, plan, unroll)(params, carry, xs, k, clip, probe)
+    return final, (flip(ys) if reverse else ys)

@@ -91,3 +91,34 @@ def test_nan_propagates_through_clipping():
     (_, _, diag), g = jb.value_and_grad(step, loss_fn, clip_norm=0.1, diagnostics=True)(params, carry, xs, targets)
     assert bool(jnp.all(jnp.isnan(g["cell"]["W_hh"])))
     assert bool(jnp.all(jnp.isnan(diag.adjoint_norm[:6])))
+
+
+@pytest.mark.parametrize("options", [dict(clip_norm=0.05), dict(truncation=(3, 7), clip_norm=0.2), dict(remat=4)])
+def test_unroll_probe_gives_the_diagnostics(options):
+    step, loss_fn, params, carry, xs, targets = problem("lstm", T=21)
+
+    def loss(p, probe):
+        _, ys = jb.unroll(step, p, carry, xs, probe=probe, **options)
+        return jnp.sum(jax.vmap(loss_fn)(ys, targets))
+
+    grads, diag = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, jb.diagnostics_probe(21))
+    (_, _, ref_diag), ref_grads = jb.value_and_grad(step, loss_fn, diagnostics=True, **options)(params, carry, xs, targets)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-10)
+    np.testing.assert_allclose(diag.adjoint_norm, ref_diag.adjoint_norm, rtol=1e-10)
+    np.testing.assert_array_equal(diag.clipped > 0, ref_diag.clipped)
+
+
+def test_probe_with_reverse_is_indexed_by_time():
+    step, _, params, carry, xs, _ = problem("elman", T=9)
+    norms = lambda reverse: jax.grad(
+        lambda probe: jnp.sum(jb.unroll(step, params, carry, xs, reverse=reverse, probe=probe)[1][-1] ** 2)
+    )(jb.diagnostics_probe(9)).adjoint_norm
+    forward, backward = norms(False), norms(True)
+    assert bool(jnp.all(forward > 0))  # y_8 is computed last: every step's carry matters
+    assert float(backward[8]) > 0 and bool(jnp.all(backward[:8] == 0))  # reversed, y_8 is computed first
+
+
+def test_bad_probe():
+    step, _, params, carry, xs, _ = problem("elman", T=9)
+    with pytest.raises(ValueError, match=r"probe must be jaxbptt.diagnostics_probe\(9\)"):
+        jb.unroll(step, params, carry, xs, probe=jb.diagnostics_probe(8))
