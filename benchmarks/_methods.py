@@ -33,7 +33,7 @@ def autodiff(step: Callable, loss_fn: Callable = mse) -> Callable:
 def _jaxbptt(**options) -> Callable:
     def build(problem: Problem) -> Callable:
         f = jb.value_and_grad(problem.step, mse, **options)
-        return lambda *args: (lambda out: (out[0][0], out[1]))(f(*args))
+        return lambda *args: (lambda out: (out[0][0], out[1:] if len(out[0]) > 2 else out[1]))(f(*args))
 
     return build
 
@@ -41,4 +41,10 @@ def _jaxbptt(**options) -> Callable:
 METHODS: dict[str, Callable[[Problem], Callable]] = {
     BASELINE: lambda problem: autodiff(problem.step),
     "jaxbptt": _jaxbptt(),
+    "k=10": _jaxbptt(truncation=10),
+    "(5,10)": _jaxbptt(truncation=(5, 10)),
+    "(10,40)": _jaxbptt(truncation=(10, 40)),
+    "clip+diag": _jaxbptt(clip_norm=1.0, diagnostics=True),
+    "remat=sqrt": _jaxbptt(remat="sqrt"),
 }
+GRADIENT_CHANGING = {"k=10", "(5,10)", "(10,40)", "clip+diag"}  # not compared with the exact oracle

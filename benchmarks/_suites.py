@@ -1,11 +1,40 @@
-"""Benchmark suites: lists of (cell, T, B, D, H)."""
+"""Benchmark suites: named sections, each a list of configurations (cell, T, B, D, H), the methods
+run on every one of them, and the method the section's ratios divide by."""
+
+from typing import NamedTuple
+
+
+class Section(NamedTuple):
+    name: str
+    configs: list
+    methods: tuple
+    baseline: str
+    note: str
+
 
 CORE_SIZES = [(1000, 16, 64, 256), (1000, 1, 32, 64), (200, 64, 128, 512), (100, 32, 64, 128),
               (500, 16, 64, 256), (200, 32, 128, 256)]
 CUSTOM_SIZES = [(500, 16, 64, 128), (1000, 16, 64, 256), (100, 32, 64, 128)]
 
-SUITES = {
-    "default": [(cell, *size) for cell in ("elman", "lstm", "gru") for size in CORE_SIZES]
+CORE = Section(
+    "core", [(cell, *size) for cell in ("elman", "lstm", "gru") for size in CORE_SIZES]
     + [("custom", *size) for size in CUSTOM_SIZES],
-    "quick": [(cell, 200, 16, 32, 64) for cell in ("elman", "lstm", "gru", "custom")],
-}
+    ("jax.grad", "jaxbptt"), "jax.grad",
+    "exact BPTT: jaxbptt against jax.grad through lax.scan of the same step and loss",
+)
+OPTIONS = Section(
+    "options", [(cell, 1000, 16, 64, 256) for cell in ("elman", "lstm", "gru")] + [("lstm", 500, 32, 64, 128)],
+    ("jaxbptt", "k=10", "(5,10)", "(10,40)", "clip+diag"), "jaxbptt",
+    "gradient options: cost relative to exact jaxbptt BPTT",
+)
+MEMORY = Section(
+    "memory", [("elman", T, 16, 32, 256) for T in (4096, 16384)],
+    ("jax.grad", "jaxbptt", "remat=sqrt"), "jax.grad",
+    "long sequences: remat='sqrt' keeps sqrt(T) carries and recomputes",
+)
+QUICK = Section(
+    "quick", [(cell, 200, 16, 32, 64) for cell in ("elman", "lstm", "gru", "custom")],
+    ("jax.grad", "jaxbptt", "k=10", "remat=sqrt"), "jax.grad", "smoke run",
+)
+
+SUITES = {"default": [CORE, OPTIONS, MEMORY], "quick": [QUICK]}
