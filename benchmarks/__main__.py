@@ -42,6 +42,7 @@ def _parse(argv):
     parser.add_argument("--method", action="append", help="only these methods (each section's baseline always runs)")
     parser.add_argument("--size", action="append", help="only these sizes, as T,B,D,H (repeatable)")
     parser.add_argument("--json", metavar="PATH", help="also write rows and summaries as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="plot time and memory against T per method (PNG)")
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of timed calls per configuration")
     return parser.parse_args(argv)
 
@@ -141,6 +142,11 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+    if args.plot:
+        from ._plot import plot_scaling
+
+        rows = [r for section in report["sections"] for r in section["rows"]]
+        print(f"plot: {args.plot}" if plot_scaling(rows, args.plot) else "plot: no configuration was run at two lengths")
     return report
 
 

@@ -46,5 +46,7 @@ METHODS: dict[str, Callable[[Problem], Callable]] = {
     "(10,40)": _jaxbptt(truncation=(10, 40)),
     "clip+diag": _jaxbptt(clip_norm=1.0, diagnostics=True),
     "remat=sqrt": _jaxbptt(remat="sqrt"),
+    "remat=64": _jaxbptt(remat=64),
+    "binomial(16)": _jaxbptt(remat=jb.Binomial(16)),
 }
 GRADIENT_CHANGING = {"k=10", "(5,10)", "(10,40)", "clip+diag"}  # not compared with the exact oracle

@@ -32,9 +32,14 @@ MEMORY = Section(
     ("jax.grad", "jaxbptt", "remat=sqrt"), "jax.grad",
     "long sequences: remat='sqrt' keeps sqrt(T) carries and recomputes",
 )
+POLICIES = Section(
+    "policies", [("elman", T, 8, 32, 128) for T in (1000, 4096, 16384, 100_000)],
+    ("jax.grad", "jaxbptt", "remat=64", "remat=sqrt", "binomial(16)"), "jax.grad",
+    "every memory policy from 10^3 to 10^5 steps (Binomial(16): at most 16 carries kept)",
+)
 QUICK = Section(
     "quick", [(cell, 200, 16, 32, 64) for cell in ("elman", "lstm", "gru", "custom")],
     ("jax.grad", "jaxbptt", "k=10", "remat=sqrt"), "jax.grad", "smoke run",
 )
 
-SUITES = {"default": [CORE, OPTIONS, MEMORY], "quick": [QUICK]}
+SUITES = {"default": [CORE, OPTIONS, MEMORY], "quick": [QUICK], "memory": [POLICIES]}

@@ -24,6 +24,7 @@ from ._online import OnlineTBPTT as OnlineTBPTT
 from ._online import online_tbptt as online_tbptt
 from ._plot import plot_gradient_flow as plot_gradient_flow
 from ._reference import check_grads as check_grads
+from ._remat import Binomial as Binomial
 from ._reference import clip_identity as clip_identity
 from ._reference import reference_unroll as reference_unroll
 from ._reference import reference_value_and_grad as reference_value_and_grad
@@ -34,6 +35,7 @@ from ._unroll import unroll as unroll
 __version__ = "0.1.0"
 
 __all__ = [
+    "Binomial",
     "Cell",
     "Diagnostics",
     "Kernel",

@@ -86,7 +86,7 @@ def reference_unroll(step, params, carry, xs, *, truncation=None, clip_norm=None
     options = dict(clip_norm=clip_norm, perturbation=perturbation)
     if isinstance(truncation, tuple) and truncation_spec(truncation, length).active:
         return _williams_peng(step, params, carry, xs, length, *truncation, **options)
-    chunked = truncation is not None
+    chunked = truncation is not None and not isinstance(truncation, tuple)  # an inactive pair is exact
 
     def body(c, inputs):
         t, x = inputs

@@ -9,12 +9,16 @@ decides what the forward pass keeps per block:
 - `remat=s` keeps the carry entering every s-th step and recomputes each block of s steps (one extra
   forward pass in total) just before its reverse loop: memory O(T / s + s) carries.
 - `remat="sqrt"` is `remat=ceil(sqrt(T))`, the O(sqrt(T)) memory of Chen et al. (2016).
+- `remat=Binomial(slots)` keeps at most `slots` carries and reverses with Griewank's binomial
+  schedule (revolve; Griewank 1992, Griewank & Walther 2000), the fewest recomputed steps for that
+  memory: r T - beta(slots + 1, r - 1) steps re-run, with beta(s, r) = C(s + r, s) and r the
+  smallest integer with beta(slots, r) >= T (Gruslys et al. 2016 apply it to BPTT).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 # Rows (block steps x batch) that make the per-block parameter products efficient, and the most
 # blocks' worth of temporaries per sequence: per-block temporaries stay a small fraction of what is
@@ -23,12 +27,40 @@ _TARGET_ROWS = 512
 _MIN_BLOCKS = 8
 
 
+class Binomial(NamedTuple):
+    """`remat=Binomial(slots)`: the optimal recomputation schedule for `slots` stored carries.
+
+    Attributes:
+      slots: carries kept at once (the initial one included), >= 1.
+      block: steps per unit of the schedule; each unit is reversed as one block (its residuals
+        recomputed, its parameter gradients as matrix products). None: the engine's block size.
+        `block=1` is the classic step-level schedule.
+    """
+
+    slots: int
+    block: Optional[int] = None
+
+
+class Schedule(NamedTuple):
+    """A revolve schedule over units: parallel tuples of ops and their two arguments."""
+
+    ops: tuple[int, ...]
+    first: tuple[int, ...]
+    second: tuple[int, ...]
+    slots: int
+    advances: int  # units re-run forward (the recomputation count)
+
+
+ADVANCE, STORE, RESTORE, REVERSE, REVERSE_TAIL = range(5)
+
+
 class Plan(NamedTuple):
     """A static schedule: groups of equal-length blocks covering [0, T) in order."""
 
     length: int
     groups: tuple[tuple[int, int, int], ...]  # (first step, block length, number of blocks)
     store: bool  # True: keep every step's residuals; False: keep block-start carries only
+    schedule: Optional[Schedule] = None  # a binomial schedule over the blocks (nothing kept forward)
 
 
 def _even_block(length: int, block: int) -> int:
@@ -50,11 +82,17 @@ def _groups(length: int, block: int) -> tuple[tuple[int, int, int], ...]:
 
 
 def validate_remat(remat) -> None:
-    if remat is None or remat == "sqrt":
+    if remat is None or (isinstance(remat, str) and remat == "sqrt"):
+        return
+    if isinstance(remat, Binomial):
+        if isinstance(remat.slots, bool) or not isinstance(remat.slots, int) or remat.slots < 1:
+            raise ValueError(f"remat=Binomial(slots) needs an int slots >= 1 (carries kept); got slots={remat.slots!r}.")
+        if remat.block is not None and (not isinstance(remat.block, int) or remat.block < 1):
+            raise ValueError(f"remat=Binomial(slots, block) needs block None or an int >= 1; got block={remat.block!r}.")
         return
     if isinstance(remat, bool) or not isinstance(remat, int):
         raise TypeError(
-            f"remat must be None, a positive int (checkpoint every s steps) or 'sqrt'; "
+            f"remat must be None, a positive int (checkpoint every s steps), 'sqrt' or jaxbptt.Binomial(slots); "
             f"got {remat!r} of type {type(remat).__name__}."
         )
     if remat < 1:
@@ -64,8 +102,85 @@ def validate_remat(remat) -> None:
 def make_plan(length: int, remat, rows_per_step: int) -> Plan:
     """The schedule for a sequence of `length` steps whose carry has `rows_per_step` batch rows."""
     validate_remat(remat)
+    block = min(math.ceil(_TARGET_ROWS / max(rows_per_step, 1)), math.ceil(length / _MIN_BLOCKS))
+    block = _even_block(length, max(block, 1))
     if remat is None:
-        block = min(math.ceil(_TARGET_ROWS / max(rows_per_step, 1)), math.ceil(length / _MIN_BLOCKS))
-        return Plan(length, _groups(length, _even_block(length, max(block, 1))), store=True)
+        return Plan(length, _groups(length, block), store=True)
+    if isinstance(remat, Binomial):
+        groups = _groups(length, remat.block or block)
+        units = sum(count for _, _, count in groups)
+        return Plan(length, groups, store=False, schedule=binomial_schedule(units, remat.slots, tail=len(groups) > 1))
     segment = math.ceil(math.sqrt(length)) if remat == "sqrt" else remat
     return Plan(length, _groups(length, segment), store=False)
+
+
+def _beta(s: int, r: int) -> int:
+    return math.comb(s + r, s)
+
+
+def _repetitions(n: int, s: int) -> int:
+    r = 0
+    while _beta(s, r) < n:
+        r += 1
+    return r
+
+
+def binomial_cost(n: int, slots: int) -> int:
+    """The fewest unit steps re-run to reverse n units with `slots` stored states (the initial one
+    included): r n - beta(slots + 1, r - 1), r the smallest integer with beta(slots, r) >= n."""
+    if n <= 1:
+        return 0
+    if slots == 1:
+        return n * (n - 1) // 2
+    r = _repetitions(n, slots)
+    return r * n - _beta(slots + 1, r - 1)
+
+
+def _binomial_split(n: int, s: int) -> int:
+    """Where to place the next checkpoint: an optimal first advance for n units and s slots."""
+    r = _repetitions(n, s)
+    candidates = {base + d for j in range(r + 2) for base in (_beta(s, j), n - _beta(s - 1, j)) for d in (-1, 0, 1)}
+    cost = lambda k: k + binomial_cost(n - k, s - 1) + binomial_cost(k, s)
+    k = min((k for k in candidates if 1 <= k < n), key=lambda k: (cost(k), k))
+    if cost(k) != binomial_cost(n, s):  # never seen; the exhaustive search keeps the schedule optimal
+        k = min(range(1, n), key=cost)
+    return k
+
+
+def binomial_schedule(units: int, slots: int, tail: bool = False) -> Schedule:
+    """The revolve schedule reversing `units` units with `slots` stored states (Griewank's binomial
+    checkpointing). With `tail`, the last unit is shorter and reversed by its own op."""
+    slots = max(1, min(slots, units))
+    ops, first, second = [], [], []
+
+    def emit(op, a=0, b=0):
+        ops.append(op)
+        first.append(a)
+        second.append(b)
+
+    def reverse_unit(u):
+        emit(REVERSE_TAIL if tail and u == units - 1 else REVERSE)
+
+    def reverse(a, b, s, snap):
+        """Reverse units [a, b) with the state at a current and kept in snapshot `snap`, using
+        snapshots snap .. snap + s - 1."""
+        if b - a == 1:
+            reverse_unit(a)
+        elif s == 1:
+            for u in range(b - 1, a - 1, -1):
+                emit(RESTORE, snap, a)
+                if u > a:
+                    emit(ADVANCE, u - a)
+                reverse_unit(u)
+        else:
+            k = _binomial_split(b - a, s)
+            emit(ADVANCE, k)
+            emit(STORE, snap + 1)
+            reverse(a + k, b, s - 1, snap + 1)
+            emit(RESTORE, snap, a)
+            reverse(a, a + k, s, snap)
+
+    emit(STORE, 0)
+    reverse(0, units, slots, 0)
+    advances = sum(a for op, a in zip(ops, first) if op == ADVANCE)
+    return Schedule(tuple(ops), tuple(first), tuple(second), slots, advances)

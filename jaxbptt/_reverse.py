@@ -108,7 +108,7 @@ def forward(kernel: Kernel, params, consts, carry, xs, plan: Plan, *, loss=None,
     Returns:
       `(final_carry, ys_or_loss, saved)`, `saved` being one entry per group of blocks.
     """
-    saved, heads = [], []
+    saved, heads = ([carry] if plan.schedule is not None else []), []  # binomial: only the start
     for start, block, count in plan.groups:
 
         def block_fn(c, i, start=start, block=block):
@@ -120,10 +120,12 @@ def forward(kernel: Kernel, params, consts, carry, xs, plan: Plan, *, loss=None,
             else:
                 loss_fn, targets = loss
                 head = _block_loss(loss_fn, ys, slice_time(targets, t0, block))
-            return c_end, ((c, outs, res) if plan.store else c, head)
+            keep = (c, outs, res) if plan.store else (c if plan.schedule is None else None)
+            return c_end, (keep, head)
 
         carry, (keep, head) = lax.scan(block_fn, carry, jnp.arange(count))
-        saved.append(keep)
+        if plan.schedule is None:
+            saved.append(keep)
         heads.append(head)
     if loss is None:
         return carry, _concat_time(heads), saved
@@ -185,6 +187,123 @@ def accumulator_like(params) -> PyTree:
     return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(p.dtype, jnp.float32)), params)
 
 
+class _Backward(NamedTuple):
+    """What every block of one reverse scan shares (static options and traced inputs)."""
+
+    kernel: Kernel
+    params: Any
+    consts: Any
+    xs: Any
+    ct_ys: Any
+    loss: Any
+    trunc: Truncation
+    clip_norm: Any
+    diagnostics: bool
+    unroll: int
+    x_diff: list
+
+    def block(self, slots, acc, t0, length: int, carry_start, stored=None):
+        """Reverse the block [t0, t0 + length): its output cotangents, the carry-adjoint loop, then its
+        parameter and input gradients. `stored` is the block's `(outs, res)`, or None to recompute
+        them from `carry_start`. Returns `(slots, acc, dx, record)`."""
+        kernel, params, consts = self.kernel, self.params, self.consts
+        xs_block = slice_time(self.xs, t0, length)
+        if stored is None:
+            _, outs, res = _run_block(kernel, params, consts, carry_start, xs_block, self.unroll)
+        else:
+            outs, res = stored
+        if self.loss is None:
+            _, post_vjp = jax.vjp(kernel.post, params, outs)
+            dp_post, ct_outs = post_vjp(slice_time(self.ct_ys, t0, length))
+        else:
+            loss_fn, targets = self.loss
+            tg = slice_time(targets, t0, length)
+            value, head_vjp = jax.vjp(lambda p, o: _block_loss(loss_fn, kernel.post(p, o), tg), params, outs)
+            dp_post, ct_outs = head_vjp(jnp.ones_like(value))
+
+        prev_outs = None
+        if kernel.previous_out is not None:
+            first = kernel.previous_out(carry_start)
+            prev_outs = jax.tree.map(lambda f, o: jnp.concatenate([f[None], o[:-1]]), first, outs)
+
+        def step_fn(slots, inputs):
+            j, (out, prev_out, r, ct_out) = inputs
+            slots, local, record = _adjoint_step(
+                kernel, params, consts, out, prev_out, r, slots, ct_out, t0 + j, self.trunc, self.clip_norm,
+                self.diagnostics,
+            )
+            return slots, (local, record)
+
+        slots, (locals_, record) = lax.scan(
+            step_fn, slots, (jnp.arange(length), (outs, prev_outs, res, ct_outs)), reverse=True, unroll=self.unroll
+        )
+        x_leaves, x_tree = jax.tree.flatten(xs_block)
+
+        def project(p, float_leaves):
+            it = iter(float_leaves)
+            return kernel.project(p, x_tree.unflatten([next(it) if d else x for x, d in zip(x_leaves, self.x_diff)]))
+
+        us, project_vjp = jax.vjp(project, params, [x for x, d in zip(x_leaves, self.x_diff) if d])
+        dp_core, dus = kernel.grads(params, consts, carry_start, us, outs, prev_outs, res, locals_)
+        dp_proj, dx = project_vjp(dus)
+        return slots, _add(_add(_add(acc, dp_post), dp_core), dp_proj), dx, record
+
+
+def _revolve(bwd: _Backward, plan: Plan, saved, slots, acc):
+    """Run a binomial schedule (`_remat.binomial_schedule`) as one `lax.while_loop` over its actions:
+    advance the current carry over units, store it to or restore it from a snapshot, or reverse the
+    unit at the current position with `_Backward.block`."""
+    schedule = plan.schedule
+    (carry0,) = saved
+    (_, unit, full), *tail = plan.groups
+    tail_length = tail[0][1] if tail else 0
+    ops, first, second = (jnp.asarray(a, jnp.int32) for a in (schedule.ops, schedule.first, schedule.second))
+    record_shape = jax.eval_shape(lambda: bwd.block(slots, acc, 0, unit, carry0)[2:])
+    buffers = jax.tree.map(lambda a: jnp.zeros((plan.length,) + a.shape[1:], a.dtype), record_shape)
+    snaps = jax.tree.map(lambda c: jnp.zeros((schedule.slots,) + c.shape, c.dtype), carry0)
+
+    def advance(state):
+        i, pos, carry, snaps, slots, acc, buffers = state
+
+        def one_unit(_, pc):
+            pos, carry = pc
+            carry, _, _ = _run_block(bwd.kernel, bwd.params, bwd.consts, carry, slice_time(bwd.xs, pos * unit, unit), bwd.unroll)
+            return pos + 1, carry
+
+        pos, carry = lax.fori_loop(0, first[i], one_unit, (pos, carry))
+        return i, pos, carry, snaps, slots, acc, buffers
+
+    def store(state):
+        i, pos, carry, snaps, slots, acc, buffers = state
+        snaps = jax.tree.map(lambda s, c: s.at[first[i]].set(c), snaps, carry)
+        return i, pos, carry, snaps, slots, acc, buffers
+
+    def restore(state):
+        i, _, _, snaps, slots, acc, buffers = state
+        return i, second[i], jax.tree.map(lambda s: s[first[i]], snaps), snaps, slots, acc, buffers
+
+    def reverse(length):
+        def run(state):
+            i, pos, carry, snaps, slots, acc, buffers = state
+            t0 = pos * unit
+            slots, acc, *out = bwd.block(slots, acc, t0, length, carry)
+            buffers = jax.tree.map(lambda b, v: lax.dynamic_update_slice_in_dim(b, v, t0, 0), buffers, tuple(out))
+            return i, pos, carry, snaps, slots, acc, buffers
+
+        return run
+
+    branches = [advance, store, restore, reverse(unit), reverse(tail_length or unit)]
+
+    def body(state):
+        state = lax.switch(ops[state[0]], branches, state)
+        return (state[0] + 1,) + state[1:]
+
+    state = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), carry0, snaps, slots, acc, buffers)
+    _, _, _, _, slots, acc, (dx, record) = lax.while_loop(lambda s: s[0] < len(schedule.ops), body, state)
+    del full
+    return slots, acc, dx, record
+
+
 def backward(
     kernel: Kernel,
     params,
@@ -221,70 +340,32 @@ def backward(
     )
     acc = accumulator_like(params)
     x_diff = [need_xs and is_float(x) for x in jax.tree.leaves(xs)]
-    dx_groups, diag_groups = [], []
-    for g in reversed(range(len(plan.groups))):
-        start, block, count = plan.groups[g]
+    bwd = _Backward(kernel, params, consts, xs, ct_ys, loss, trunc, clip_norm, diagnostics, unroll, x_diff)
+    if plan.schedule is not None:
+        slots, acc, dx_flat, record = _revolve(bwd, plan, saved, slots, acc)
+    else:
+        dx_groups, diag_groups = [], []
+        for g in reversed(range(len(plan.groups))):
+            start, block, count = plan.groups[g]
 
-        def block_fn(state, inputs, start=start, block=block):
-            slots, acc = state
-            i, kept = inputs
-            t0 = start + i * block
-            xs_block = slice_time(xs, t0, block)
-            if plan.store:
-                carry_start, outs, res = kept
-            else:
-                carry_start = kept
-                _, outs, res = _run_block(kernel, params, consts, carry_start, xs_block, unroll)
-            if loss is None:
-                _, post_vjp = jax.vjp(kernel.post, params, outs)
-                dp_post, ct_outs = post_vjp(slice_time(ct_ys, t0, block))
-            else:
-                loss_fn, targets = loss
-                tg = slice_time(targets, t0, block)
-                value, head_vjp = jax.vjp(lambda p, o: _block_loss(loss_fn, kernel.post(p, o), tg), params, outs)
-                dp_post, ct_outs = head_vjp(jnp.ones_like(value))
+            def block_fn(state, inputs, start=start, block=block):
+                i, kept = inputs
+                stored = kept[1:] if plan.store else None
+                carry_start = kept[0] if plan.store else kept
+                slots, acc, dx, record = bwd.block(*state, start + i * block, block, carry_start, stored)
+                return (slots, acc), (dx, record)
 
-            prev_outs = None
-            if kernel.previous_out is not None:
-                first = kernel.previous_out(carry_start)
-                prev_outs = jax.tree.map(lambda f, o: jnp.concatenate([f[None], o[:-1]]), first, outs)
-
-            def step_fn(slots, inputs):
-                j, (out, prev_out, r, ct_out) = inputs
-                slots, local, record = _adjoint_step(
-                    kernel, params, consts, out, prev_out, r, slots, ct_out, t0 + j, trunc, clip_norm, diagnostics
-                )
-                return slots, (local, record)
-
-            slots, (locals_, record) = lax.scan(
-                step_fn, slots, (jnp.arange(block), (outs, prev_outs, res, ct_outs)), reverse=True, unroll=unroll
-            )
-            x_leaves, x_tree = jax.tree.flatten(xs_block)
-
-            def project(p, float_leaves):
-                it = iter(float_leaves)
-                return kernel.project(p, x_tree.unflatten([next(it) if d else x for x, d in zip(x_leaves, x_diff)]))
-
-            us, project_vjp = jax.vjp(project, params, [x for x, d in zip(x_leaves, x_diff) if d])
-            dp_core, dus = kernel.grads(params, consts, carry_start, us, outs, prev_outs, res, locals_)
-            dp_proj, dx = project_vjp(dus)
-            acc = _add(_add(_add(acc, dp_post), dp_core), dp_proj)
-            return (slots, acc), (dx, record)
-
-        (slots, acc), (dx, record) = lax.scan(
-            block_fn, (slots, acc), (jnp.arange(count), saved[g]), reverse=True
-        )
-        dx_groups.insert(0, dx)
-        diag_groups.insert(0, record)
+            (slots, acc), (dx, record) = lax.scan(block_fn, (slots, acc), (jnp.arange(count), saved[g]), reverse=True)
+            dx_groups.insert(0, dx)
+            diag_groups.insert(0, record)
+        dx_flat, record = _concat_time(dx_groups), _concat_time(diag_groups)
 
     dcarry = jax.tree.map(lambda s: jnp.sum(s, axis=0), slots)
     dxs = None
     if need_xs:
-        dx_it = iter(_concat_time(dx_groups))
-        dxs = jax.tree.map(
-            lambda x: next(dx_it) if is_float(x) else np.zeros(x.shape, jax.dtypes.float0), xs
-        )
-    diag = Diagnostics(*_concat_time(diag_groups)) if diagnostics else None
+        dx_it = iter(dx_flat)
+        dxs = jax.tree.map(lambda x: next(dx_it) if is_float(x) else np.zeros(x.shape, jax.dtypes.float0), xs)
+    diag = Diagnostics(*record) if diagnostics else None
     return acc, dcarry, dxs, diag
 
 
