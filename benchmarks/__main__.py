@@ -139,6 +139,11 @@ def main(argv=None):
                                    "ratios": ratios, "summary": aggregate})
     if hasattr(bar, "close"):
         bar.close()
+    if args.suite in ("default", "memory") and not (args.cell or args.size or args.method):
+        from ._online import online_memory, print_online
+
+        report["online"] = online_memory()
+        print_online(report["online"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
