@@ -130,7 +130,7 @@ def test_bad_clip_norm(clip_norm, error, message):
     "remat, error, message",
     [
         (0, ValueError, r"remat must be a positive int \(checkpoint every s steps\); got remat=0"),
-        ("cubic", TypeError, r"remat must be None, a positive int .* or 'sqrt'; got 'cubic'"),
+        ("cubic", TypeError, r"remat must be None, a positive int .*, 'sqrt' or jaxbptt.Binomial\(slots\); got 'cubic'"),
         (1.5, TypeError, r"remat must be None, a positive int"),
     ],
 )
