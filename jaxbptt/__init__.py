@@ -7,6 +7,7 @@ BPTT, per-step clipping, gradient-flow diagnostics and memory policies, each che
 """
 
 from ._api import value_and_grad as value_and_grad
+from ._bidirectional import bidirectional as bidirectional
 from ._cells import Cell as Cell
 from ._cells import LSTMState as LSTMState
 from ._cells import elman as elman
@@ -43,6 +44,7 @@ __all__ = [
     "OnlineState",
     "OnlineTBPTT",
     "Step",
+    "bidirectional",
     "check_grads",
     "clip_identity",
     "diagnostics_probe",

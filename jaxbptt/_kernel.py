@@ -134,14 +134,24 @@ def generic_kernel(step: Callable, params: PyTree, carry: PyTree, u: PyTree) -> 
         for v, var in zip(outvars[:n_res], varying)
     ]
 
+    avals = [(v.aval.shape, v.aval.dtype) for v in outvars[:n_res]]
+
+    def checked(leaves):
+        # Residual order depends on the trace context (eager evaluation orders them differently);
+        # the engine only ever traces, and this guards the layout it relies on.
+        if [(jnp.shape(a), jnp.result_type(a)) for a in leaves] != avals:
+            raise RuntimeError("jaxbptt internal error: the step's VJP residuals changed layout between traces.")
+        return leaves
+
+    @jax.jit  # traced, as in the analysis and in the loops, even when called eagerly
     def prepare(p, c, x):
         leaves, _ = residual_leaves(p, c, x)
-        return [leaf for leaf, (kind, _) in zip(leaves, source) if kind == "const"]
+        return [leaf for leaf, (kind, _) in zip(checked(leaves), source) if kind == "const"]
 
     def forward(p, consts, c, x):
         del consts
         (new_c, y), vjp_fn = jax.vjp(lambda c_: step(p, c_, x), c)
-        leaves = jax.tree.leaves(vjp_fn)
+        leaves = checked(jax.tree.leaves(vjp_fn))
         kept = [leaf for leaf, (kind, _) in zip(leaves, source) if kind == "kept"]
         return new_c, y, (kept, new_c)
 
