@@ -38,6 +38,17 @@ def _jaxbptt(**options) -> Callable:
     return build
 
 
+def _bfloat16(build_inner: Callable) -> Callable:
+    """The method run in mixed precision: bfloat16 params and inputs, float32 carry and targets."""
+
+    def build(problem: Problem) -> Callable:
+        f = build_inner(problem)
+        cast = lambda tree: jax.tree.map(lambda a: a.astype(jnp.bfloat16), tree)
+        return lambda params, carry, xs, targets: f(cast(params), carry, cast(xs), targets)
+
+    return build
+
+
 METHODS: dict[str, Callable[[Problem], Callable]] = {
     BASELINE: lambda problem: autodiff(problem.step),
     "jaxbptt": _jaxbptt(),
@@ -48,5 +59,7 @@ METHODS: dict[str, Callable[[Problem], Callable]] = {
     "remat=sqrt": _jaxbptt(remat="sqrt"),
     "remat=64": _jaxbptt(remat=64),
     "binomial(16)": _jaxbptt(remat=jb.Binomial(16)),
+    "jax.grad bf16": _bfloat16(lambda problem: autodiff(problem.step)),
+    "jaxbptt bf16": _bfloat16(_jaxbptt()),
 }
 GRADIENT_CHANGING = {"k=10", "(5,10)", "(10,40)", "clip+diag"}  # not compared with the exact oracle

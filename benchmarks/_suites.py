@@ -32,6 +32,11 @@ MEMORY = Section(
     ("jax.grad", "jaxbptt", "remat=sqrt"), "jax.grad",
     "long sequences: remat='sqrt' keeps sqrt(T) carries and recomputes",
 )
+PRECISION = Section(
+    "precision", [(cell, 200, 16, 64, 128) for cell in ("elman", "lstm", "gru", "custom")],
+    ("jax.grad bf16", "jaxbptt bf16"), "jax.grad bf16",
+    "mixed precision: bfloat16 params and inputs, float32 carry; grad err is against float64",
+)
 POLICIES = Section(
     "policies", [("elman", T, 8, 32, 128) for T in (1000, 4096, 16384, 100_000)],
     ("jax.grad", "jaxbptt", "remat=64", "remat=sqrt", "binomial(16)"), "jax.grad",
@@ -42,4 +47,4 @@ QUICK = Section(
     ("jax.grad", "jaxbptt", "k=10", "remat=sqrt"), "jax.grad", "smoke run",
 )
 
-SUITES = {"default": [CORE, OPTIONS, MEMORY], "quick": [QUICK], "memory": [POLICIES]}
+SUITES = {"default": [CORE, OPTIONS, MEMORY, PRECISION], "quick": [QUICK], "memory": [POLICIES]}

@@ -21,6 +21,7 @@ from ._combinators import stacked as stacked
 from ._kernel import Kernel as Kernel
 from ._kernel import Step as Step
 from ._online import OnlineState as OnlineState
+from ._parallel import data_parallel as data_parallel
 from ._online import OnlineTBPTT as OnlineTBPTT
 from ._online import online_tbptt as online_tbptt
 from ._plot import plot_gradient_flow as plot_gradient_flow
@@ -47,6 +48,7 @@ __all__ = [
     "bidirectional",
     "check_grads",
     "clip_identity",
+    "data_parallel",
     "diagnostics_probe",
     "elman",
     "gru",

@@ -7,6 +7,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 
 from . import _reverse
 from . import _validate as v
@@ -52,6 +53,8 @@ def value_and_grad(
     clip_norm=None,
     diagnostics: bool = False,
     unroll: int = 1,
+    check_finite: bool = False,
+    axis_name=None,
 ) -> Callable:
     """The sequence loss `L = sum_t loss_fn(y_t, target_t)` and its BPTT gradient.
 
@@ -71,6 +74,15 @@ def value_and_grad(
       argnums: int or tuple of ints among 0 (params), 1 (carry), 2 (xs), as in `jax.value_and_grad`.
       truncation, remat, clip_norm, unroll: as in `jaxbptt.unroll`.
       diagnostics: also return `diag` (`jaxbptt.Diagnostics`: per-step adjoint norm and clipped flag).
+      check_finite: the checked mode, for debugging. Every step's carry and output (forward), every
+        carry cotangent and every block's parameter gradient (backward) is checked with
+        `jax.experimental.checkify`; the first non-finite value raises `JaxRuntimeError` naming its
+        time step (in the backward pass, the first met going back in time). The returned function
+        then compiles itself and raises, so call it directly, not under `jit` or `vmap`. By default
+        NaN and inf propagate, as in JAX: jaxbptt never masks them.
+      axis_name: inside `jax.shard_map` (or `pmap`) over a split batch, the mapped axis over which
+        the global norms of clipping and diagnostics are reduced, so that they equal the unsplit
+        batch's (see `jaxbptt.data_parallel`).
 
     Returns:
       A function `(params, carry, xs, targets) -> ((loss, final_carry), grads)`, or
@@ -106,17 +118,28 @@ def value_and_grad(
         plan = make_plan(length, remat, _reverse.rows_per_step(carry))
         kernel, consts = _reverse.setup(step, params, carry, xs)
         loss = (loss_fn, targets)
-        final, value, saved = _reverse.forward(kernel, params, consts, carry, xs, plan, loss=loss, unroll=unroll)
+        final, value, saved = _reverse.forward(kernel, params, consts, carry, xs, plan, loss=loss, unroll=unroll,
+                                               check_finite=check_finite)
         ct_final = jax.tree.map(lambda c: jnp.zeros(c.shape, c.dtype if is_float(c) else jnp.float32), carry)
         dparams, dcarry, dxs, diag = _reverse.backward(
             kernel, params, consts, xs, saved, plan,
             ct_final=ct_final, loss=loss, trunc=resolve_truncation(trunc, k), clip_norm=clip,
-            diagnostics=diagnostics, unroll=unroll, need_xs=2 in nums,
+            diagnostics=diagnostics, unroll=unroll, need_xs=2 in nums, check_finite=check_finite,
+            axis_name=axis_name,
         )
         grads = (cast_like(dparams, params), cast_like(dcarry, carry), dxs)
         grads = poison_invalid(select_argnums(argnums, grads), k, clip)
         aux = (value, final) + ((diag,) if diagnostics else ())
         return aux, grads
 
-    return value_and_grad_fn
+    if not check_finite:
+        return value_and_grad_fn
+    checked = jax.jit(checkify.checkify(value_and_grad_fn, errors=checkify.user_checks))
+
+    def checked_value_and_grad_fn(params, carry, xs, targets):
+        error, out = checked(params, carry, xs, targets)
+        error.throw()
+        return out
+
+    return checked_value_and_grad_fn
 

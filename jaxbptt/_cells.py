@@ -21,6 +21,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from ._kernel import Kernel, Step, identity_post, kernel_for
 from ._types import PyTree
@@ -55,9 +56,16 @@ class LSTMState(NamedTuple):
     c: jax.Array
 
 
+def _matmul(a, b, contract):
+    """A 2-D matrix product accumulated and returned in at least float32 (bfloat16 / float16
+    operands of mixed precision give float32 results)."""
+    out = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
+    return lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=out)
+
+
 def _dense(x, w, b=None):
     """`x @ w (+ b)` over any leading dims, as one 2-D matrix product."""
-    y = x.reshape(-1, x.shape[-1]) @ w
+    y = _matmul(x.reshape(-1, x.shape[-1]), w, ((1,), (0,)))
     if b is not None:
         y = y + b[None]
     return y.reshape(x.shape[:-1] + (w.shape[-1],))
@@ -65,13 +73,13 @@ def _dense(x, w, b=None):
 
 def _dense_t(x, w):
     """`x @ w.T` over any leading dims (the input cotangent of `_dense`)."""
-    y = x.reshape(-1, x.shape[-1]) @ w.T
+    y = _matmul(x.reshape(-1, x.shape[-1]), w, ((1,), (1,)))
     return y.reshape(x.shape[:-1] + (w.shape[0],))
 
 
 def _outer_sum(a, b):
     """`sum over all leading dims of a^T b`: one matrix product over time and batch."""
-    return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
+    return _matmul(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), ((0,), (0,)))
 
 
 def _leading_sum(a):
@@ -163,14 +171,14 @@ def elman(
         return {"W_xh": w_xh, "W_hh": recurrent_scale * w_hh, "b_h": jnp.zeros((hidden_size,), dtype)}
 
     def step(params, h, x):
-        h = act(_dense(x, params["W_xh"], params["b_h"]) + _dense(h, params["W_hh"]))
+        h = act(_dense(x, params["W_xh"], params["b_h"]) + _dense(h, params["W_hh"])).astype(h.dtype)
         return h, h
 
     def project(params, xs):
         return _dense(xs, params["W_xh"], params["b_h"])
 
     def forward(params, consts, h, u):
-        h = act(u + _dense(h, params["W_hh"]))
+        h = act(u + _dense(h, params["W_hh"])).astype(h.dtype)
         return h, h, ()
 
     def backward(params, consts, h, h_prev, res, ct_h, ct_out):
@@ -256,6 +264,7 @@ def lstm(hidden_size: int, *, forget_bias: float = 1.0) -> Cell:
         i, f, g, o = jnp.split(z, 4, axis=-1)
         c = jax.nn.sigmoid(f) * state.c + jax.nn.sigmoid(i) * jnp.tanh(g)
         h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        h, c = h.astype(state.h.dtype), c.astype(state.c.dtype)
         return LSTMState(h, c), h
 
     def cell_update(z, c):
@@ -269,6 +278,7 @@ def lstm(hidden_size: int, *, forget_bias: float = 1.0) -> Cell:
 
     def forward(params, consts, state, u):
         h, c, gates = cell_update(u + _dense(state.h, params["W_h"]), state.c)
+        h, c = h.astype(state.h.dtype), c.astype(state.c.dtype)
         return LSTMState(h, c), h, (gates, state.c)
 
     def backward(params, consts, h, h_prev, res, ct, ct_out):
@@ -332,7 +342,7 @@ def gru(hidden_size: int) -> Cell:
         rx, zx, nx = jnp.split(_dense(x, params["W_x"], params["b_x"]), 3, axis=-1)
         rh, zh, nh = jnp.split(_dense(h, params["W_h"], params["b_h"]), 3, axis=-1)
         r, z = jax.nn.sigmoid(rx + rh), jax.nn.sigmoid(zx + zh)
-        h = (1 - z) * jnp.tanh(nx + r * nh) + z * h
+        h = ((1 - z) * jnp.tanh(nx + r * nh) + z * h).astype(h.dtype)
         return h, h
 
     def update(gx, gh, h):
@@ -348,6 +358,7 @@ def gru(hidden_size: int) -> Cell:
 
     def forward(params, consts, h, u):
         new_h, res = update(u, _dense(h, params["W_h"], params["b_h"]), h)
+        new_h = new_h.astype(h.dtype)
         return new_h, new_h, res
 
     def backward(params, consts, out, h_prev, res, ct, ct_out):

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import checkify
 
 from ._kernel import Kernel, is_float, kernel_for
 from ._remat import Plan
@@ -87,23 +88,38 @@ def _block_loss(loss_fn, ys, targets):
     return jnp.sum(jax.vmap(loss_fn)(ys, targets))
 
 
-def _run_block(kernel: Kernel, params, consts, carry, xs_block, unroll):
+def assert_finite(tree, message: str, **fmt) -> None:
+    """A `checkify` check that every float leaf of `tree` is finite (the opt-in checked mode)."""
+    leaves = [a for a in jax.tree.leaves(tree) if is_float(a)]
+    if leaves:
+        checkify.check(jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves])), message, **fmt)
+
+
+def _run_block(kernel: Kernel, params, consts, carry, xs_block, unroll, check_from=None):
+    """The block's forward steps; with `check_from` (the block's first step), each step's carry and
+    output are checked finite."""
     us = kernel.project(params, xs_block)
 
-    def one_step(c, u):
+    def one_step(c, inputs):
+        j, u = inputs
         c, out, res = kernel.forward(params, consts, c, u)
+        if check_from is not None:
+            assert_finite((c, out), "jaxbptt: non-finite carry or output in the forward pass at step {t}",
+                          t=check_from + j)
         return c, (out, res)
 
-    carry, (outs, res) = lax.scan(one_step, carry, us, unroll=unroll)
+    length = jax.tree.leaves(us)[0].shape[0]
+    carry, (outs, res) = lax.scan(one_step, carry, (jnp.arange(length), us), unroll=unroll)
     return carry, outs, res
 
 
-def forward(kernel: Kernel, params, consts, carry, xs, plan: Plan, *, loss=None, unroll=1):
+def forward(kernel: Kernel, params, consts, carry, xs, plan: Plan, *, loss=None, unroll=1, check_finite=False):
     """Run the sequence forward, keeping what `plan` asks for.
 
     Args:
       loss: None to return the stacked outputs `ys`; `(loss_fn, targets)` to return instead the sum
         of per-step losses, computed block by block so that `ys` is never stored whole.
+      check_finite: add `checkify` checks naming the first step with a non-finite value.
 
     Returns:
       `(final_carry, ys_or_loss, saved)`, `saved` being one entry per group of blocks.
@@ -113,7 +129,8 @@ def forward(kernel: Kernel, params, consts, carry, xs, plan: Plan, *, loss=None,
 
         def block_fn(c, i, start=start, block=block):
             t0 = start + i * block
-            c_end, outs, res = _run_block(kernel, params, consts, c, slice_time(xs, t0, block), unroll)
+            c_end, outs, res = _run_block(kernel, params, consts, c, slice_time(xs, t0, block), unroll,
+                                          t0 if check_finite else None)
             ys = kernel.post(params, outs)
             if loss is None:
                 head = ys
@@ -132,20 +149,22 @@ def forward(kernel: Kernel, params, consts, carry, xs, plan: Plan, *, loss=None,
     return carry, sum(jnp.sum(h) for h in heads), saved
 
 
-def _global_norm_per_slot(tree) -> jax.Array:
-    """L2 norm over every leaf and axis but the leading slot axis, accumulated in >= float32."""
-    squares = [
+def _global_norm_per_slot(tree, axis_name=None) -> jax.Array:
+    """L2 norm over every leaf and axis but the leading slot axis, accumulated in >= float32; with
+    `axis_name`, also over the shards of a mapped (batch-split) axis."""
+    squares = sum(
         jnp.sum(jnp.square(a.astype(jnp.promote_types(a.dtype, jnp.float32))), axis=tuple(range(1, a.ndim)))
         for a in jax.tree.leaves(tree)
-    ]
-    return jnp.sqrt(sum(squares))
+    )
+    return jnp.sqrt(squares if axis_name is None else lax.psum(squares, axis_name))
 
 
 def _expand(mask, leaf):
     return mask.reshape(mask.shape + (1,) * (leaf.ndim - mask.ndim))
 
 
-def _adjoint_step(kernel, params, consts, out, prev_out, res, slots, ct_out, t, trunc, clip_norm, diagnostics):
+def _adjoint_step(kernel, params, consts, out, prev_out, res, slots, ct_out, t, trunc, clip_norm, diagnostics,
+                  check_finite=False, axis_name=None):
     """One step of the reverse loop: slots hold the cotangents of carry_t, one per live window."""
     m = trunc.slots
     if m == 1:
@@ -159,17 +178,20 @@ def _adjoint_step(kernel, params, consts, out, prev_out, res, slots, ct_out, t, 
         a_prev, local_slots = backward(params, consts, out, prev_out, res, slots, ct_out_slots)
         local = jax.tree.map(lambda x: jnp.sum(x, axis=0), local_slots)
 
+    a_prev = jax.tree.map(lambda x, s: x.astype(s.dtype), a_prev, slots)  # kernels may compute in float32
+    if check_finite:
+        assert_finite(a_prev, "jaxbptt: non-finite cotangent in the backward pass, of the carry entering step {t}", t=t)
     record = None
     if diagnostics:
         total = a_prev if m == 1 else jax.tree.map(lambda x: jnp.sum(x, axis=0, keepdims=True), a_prev)
-        record = [_global_norm_per_slot(total)[0], jnp.zeros((), bool)]
+        record = [_global_norm_per_slot(total, axis_name)[0], jnp.zeros((), bool)]
     if trunc.active:
         # The window whose first step is t re-runs from stop_gradient(carry entering t).
         opens = (t + trunc.k2) % trunc.k1 == 0
         cut = (jnp.arange(m) == ((t + trunc.k2) // trunc.k1 - 1) % m) & opens & (t > 0)
         a_prev = jax.tree.map(lambda x: jnp.where(_expand(cut, x), jnp.zeros((), x.dtype), x), a_prev)
     if clip_norm is not None:
-        norms = _global_norm_per_slot(a_prev)
+        norms = _global_norm_per_slot(a_prev, axis_name)
         over = norms > clip_norm
         scale = jnp.where(over, clip_norm / jnp.where(over, norms, 1), 1)
         a_prev = jax.tree.map(lambda x: (x * _expand(scale, x)).astype(x.dtype), a_prev)
@@ -201,6 +223,8 @@ class _Backward(NamedTuple):
     diagnostics: bool
     unroll: int
     x_diff: list
+    check_finite: bool = False
+    axis_name: Any = None
 
     def block(self, slots, acc, t0, length: int, carry_start, stored=None):
         """Reverse the block [t0, t0 + length): its output cotangents, the carry-adjoint loop, then its
@@ -230,7 +254,7 @@ class _Backward(NamedTuple):
             j, (out, prev_out, r, ct_out) = inputs
             slots, local, record = _adjoint_step(
                 kernel, params, consts, out, prev_out, r, slots, ct_out, t0 + j, self.trunc, self.clip_norm,
-                self.diagnostics,
+                self.diagnostics, self.check_finite, self.axis_name,
             )
             return slots, (local, record)
 
@@ -245,8 +269,13 @@ class _Backward(NamedTuple):
 
         us, project_vjp = jax.vjp(project, params, [x for x, d in zip(x_leaves, self.x_diff) if d])
         dp_core, dus = kernel.grads(params, consts, carry_start, us, outs, prev_outs, res, locals_)
+        dus = jax.tree.map(lambda d, u: d if d.dtype == jax.dtypes.float0 else d.astype(u.dtype), dus, us)
         dp_proj, dx = project_vjp(dus)
-        return slots, _add(_add(_add(acc, dp_post), dp_core), dp_proj), dx, record
+        acc = _add(_add(_add(acc, dp_post), dp_core), dp_proj)
+        if self.check_finite:
+            assert_finite(acc, "jaxbptt: non-finite parameter gradient in the backward pass, from steps {t0} "
+                          "to {t1}", t0=t0, t1=t0 + length - 1)
+        return slots, acc, dx, record
 
 
 def _revolve(bwd: _Backward, plan: Plan, saved, slots, acc):
@@ -320,6 +349,8 @@ def backward(
     diagnostics: bool = False,
     unroll=1,
     need_xs: bool = True,
+    check_finite: bool = False,
+    axis_name=None,
 ):
     """The reverse scan.
 
@@ -340,7 +371,8 @@ def backward(
     )
     acc = accumulator_like(params)
     x_diff = [need_xs and is_float(x) for x in jax.tree.leaves(xs)]
-    bwd = _Backward(kernel, params, consts, xs, ct_ys, loss, trunc, clip_norm, diagnostics, unroll, x_diff)
+    bwd = _Backward(kernel, params, consts, xs, ct_ys, loss, trunc, clip_norm, diagnostics, unroll, x_diff,
+                    check_finite, axis_name)
     if plan.schedule is not None:
         slots, acc, dx_flat, record = _revolve(bwd, plan, saved, slots, acc)
     else:
