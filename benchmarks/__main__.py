@@ -144,6 +144,11 @@ def main(argv=None):
 
         report["online"] = online_memory()
         print_online(report["online"])
+    if args.suite == "default" and not (args.cell or args.size or args.method):
+        from ._sweep import print_sweep, sweep_timing
+
+        report["sweep"] = sweep_timing()
+        print_sweep(report["sweep"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -31,12 +31,18 @@ from ._reference import clip_identity as clip_identity
 from ._reference import reference_unroll as reference_unroll
 from ._reference import reference_value_and_grad as reference_value_and_grad
 from ._reverse import Diagnostics as Diagnostics
+from ._training import make_train_step as make_train_step
+from ._training import train_loop as train_loop
 from ._unroll import diagnostics_probe as diagnostics_probe
 from ._unroll import unroll as unroll
+
+from . import adapters as adapters
+from . import tasks as tasks
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "adapters",
     "Binomial",
     "Cell",
     "Diagnostics",
@@ -54,6 +60,7 @@ __all__ = [
     "gru",
     "lengths_to_mask",
     "lstm",
+    "make_train_step",
     "masked",
     "online_tbptt",
     "plot_gradient_flow",
@@ -61,6 +68,8 @@ __all__ = [
     "reference_value_and_grad",
     "resettable",
     "stacked",
+    "tasks",
+    "train_loop",
     "unroll",
     "value_and_grad",
     "with_readout",

@@ -135,7 +135,7 @@ def elman(
       activation: `"tanh"` or `"relu"`.
       recurrent_init: initialisation of `W_hh`, times `recurrent_scale`: `"orthogonal"`,
         `"normal"` (entries N(0, 1/H), spectral radius about 1) or `"identity"`. ReLU with identity
-        is the IRNN of Le, Jaitly & Hinton (2015); it also shrinks `W_xh` to N(0, 1e-3) as they do.
+        is the IRNN of Le, Jaitly & Hinton (2015); it also draws `W_xh` with standard deviation 1e-3, as they do.
       recurrent_scale: multiplies the recurrent initialisation (e.g. 3.0 for exploding gradients).
 
     Returns:

@@ -1,0 +1,115 @@
+"""Tasks, the train step, compiled training loops and vmapped sweeps."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxbptt as jb
+from jaxbptt import tasks
+
+
+def test_adding_task():
+    xs, targets = tasks.adding(jax.random.key(0), 16, 30, jnp.float64)
+    assert xs.shape == (30, 16, 2) and xs.dtype == jnp.float64 and targets.value.shape == (30, 16, 1)
+    markers = xs[..., 1]
+    np.testing.assert_array_equal(markers.sum(0), 2.0)
+    assert bool(jnp.all(markers[:15].sum(0) == 1)) and bool(jnp.all(markers[15:].sum(0) == 1))
+    np.testing.assert_allclose(targets.value[-1, :, 0], (xs[..., 0] * markers).sum(0))
+    np.testing.assert_array_equal(targets.weight.sum(0), 1.0)
+    again = tasks.adding(jax.random.key(0), 16, 30, jnp.float64)
+    chex.assert_trees_all_equal((xs, targets), again)
+    assert not np.array_equal(xs, tasks.adding(jax.random.key(1), 16, 30, jnp.float64)[0])
+    # always predicting 1 scores the baseline in expectation
+    xs, targets = tasks.adding(jax.random.key(2), 20000, 10)
+    y = jnp.ones((20000, 1))
+    assert abs(float(tasks.weighted_mse(y, jax.tree.map(lambda a: a[-1], targets))) - tasks.ADDING_BASELINE_MSE) < 0.01
+
+
+def test_copy_memory_task():
+    xs, targets = tasks.copy_memory(jax.random.key(0), 4, delay=7, length=5, symbols=6)
+    assert xs.shape == (17, 4, 8) and targets.value.dtype == jnp.int32
+    np.testing.assert_array_equal(jnp.argmax(xs[:5], -1), targets.value[-5:])  # recall what was read
+    assert bool(jnp.all(jnp.argmax(xs[11], -1) == 7))  # the marker
+    chex.assert_trees_all_equal(tasks.copy_memory(jax.random.key(0), 4, 7, 5, 6), (xs, targets))
+    with pytest.raises(ValueError, match="copy_memory needs delay >= 1"):
+        tasks.copy_memory(jax.random.key(0), 4, delay=0)
+
+
+def test_digits_split_is_fixed():
+    train_xs, train_t = tasks.digits("train")
+    test_xs, test_t = tasks.digits("test")
+    assert train_xs.shape == (64, 1437, 1) and test_xs.shape == (64, 360, 1)
+    assert float(train_xs.max()) <= 1.0 and train_t.value.dtype == jnp.int32
+    np.testing.assert_array_equal(test_xs, tasks.digits("test")[0])
+    # the split is a partition: no test image appears in the training set
+    train_rows = {tuple(np.asarray(train_xs[:, i, 0])) for i in range(train_xs.shape[1])}
+    overlap = sum(tuple(np.asarray(test_xs[:, i, 0])) in train_rows for i in range(test_xs.shape[1]))
+    assert overlap <= 2  # a few handwritten digits are pixel-identical duplicates in the data set
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        tasks.digits("valid")
+
+
+def _small():
+    model = jb.with_readout(jb.gru(8), 1)
+    params = model.init(jax.random.key(0), 2, jnp.float64)
+    xs, targets = tasks.adding(jax.random.key(1), 16, 12, jnp.float64)
+    return model, params, model.initial_carry((16,), jnp.float64), xs, targets
+
+
+def test_train_step_equals_hand_rolled_optax():
+    model, params, carry, xs, targets = _small()
+    opt = optax.adam(0.01)
+    train_step = jb.make_train_step(model.step, tasks.weighted_mse, opt, truncation=4, clip_norm=0.5)
+    p1, s1, loss, final = jax.jit(train_step)(params, opt.init(params), carry, xs, targets)
+    (ref_loss, ref_final), grads = jb.value_and_grad(model.step, tasks.weighted_mse, truncation=4, clip_norm=0.5)(
+        params, carry, xs, targets)
+    updates, s2 = opt.update(grads, opt.init(params), params)
+    chex.assert_trees_all_close((p1, s1, loss, final), (optax.apply_updates(params, updates), s2, ref_loss, ref_final),
+                                rtol=1e-12)
+
+
+def test_training_decreases_the_loss():
+    model, params, carry, _, _ = _small()
+    opt = optax.adam(0.02)
+    batches = lambda key: (carry, *tasks.adding(key, 16, 12, jnp.float64))
+    run = jax.jit(jb.train_loop(jb.make_train_step(model.step, tasks.weighted_mse, opt), batches, 300))
+    _, _, losses = run(params, opt.init(params), jax.random.key(3))
+    assert float(losses[-50:].mean()) < 0.5 * float(losses[:50].mean())
+
+
+def test_vmapped_sweep_equals_separate_runs():
+    """Learning rates, seeds, clip norms and traced truncation lengths, vmapped in one call."""
+    model, _, carry, _, _ = _small()
+    opt = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+    batches = lambda key: (carry, *tasks.adding(key, 16, 12, jnp.float64))
+
+    inits = [model.init(jax.random.key(s), 2, jnp.float64) for s in range(2)]  # outside vmap: see train_loop
+
+    def run(lr, params, seed, clip, k):
+        step = jb.make_train_step(model.step, tasks.weighted_mse, opt, clip_norm=clip, truncation=k)
+        state = opt.init(params)
+        state.hyperparams["learning_rate"] = lr
+        return jb.train_loop(step, batches, 20)(params, state, jax.random.key(seed))[2]
+
+    lrs, seeds = jnp.asarray([0.03, 0.1]), jnp.asarray([0, 1])
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *inits)
+    clips, ks = jnp.asarray([0.1, 10.0]), jnp.asarray([3, 12])
+    sweep = jax.jit(jax.vmap(jax.vmap(run, (None, 0, 0, None, None)), (0, None, None, None, None)))
+    grid = sweep(lrs, stacked, seeds, 0.5, 4)
+    for i in range(2):
+        for j in range(2):
+            np.testing.assert_allclose(grid[i, j], run(float(lrs[i]), inits[j], j, 0.5, 4), rtol=1e-12)
+    over_options = jax.jit(jax.vmap(lambda c, k: run(0.1, inits[0], 0, c, k)))(clips, ks)
+    for i in range(2):
+        np.testing.assert_allclose(over_options[i], run(0.1, inits[0], 0, float(clips[i]), int(ks[i])), rtol=1e-12)
+
+
+def test_experiments_quick_run(tmp_path):
+    from jaxbptt import experiments
+
+    results = experiments.main(["--quick", "--seeds", "1", "--out", str(tmp_path / "curves.png")])
+    assert len(results) == 11 and (tmp_path / "curves.png").stat().st_size > 0
+    assert all(np.all(np.isfinite(r.values)) for r in results)
