@@ -19,8 +19,8 @@ import jax
 
 jax.config.update("jax_enable_x64", True)  # for the float64 oracle; benchmark data is float32
 
-from ._harness import device_name, measure, oracle_grads  # noqa: E402
-from ._methods import GRADIENT_CHANGING, METHODS  # noqa: E402
+from ._harness import device_name, matmul_peak_gflops, measure  # noqa: E402
+from ._methods import METHODS  # noqa: E402
 from ._problems import OUTPUT_SIZE, make_problem  # noqa: E402
 from ._suites import SUITES  # noqa: E402
 
@@ -43,7 +43,7 @@ def _parse(argv):
     parser.add_argument("--size", action="append", help="only these sizes, as T,B,D,H (repeatable)")
     parser.add_argument("--json", metavar="PATH", help="also write rows and summaries as JSON")
     parser.add_argument("--plot", metavar="PATH", help="plot time and memory against T per method (PNG)")
-    parser.add_argument("--budget", type=float, default=3.0, help="seconds of timed calls per configuration")
+    parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per configuration")
     return parser.parse_args(argv)
 
 
@@ -63,13 +63,13 @@ def _fmt(value, spec, missing="-"):
 
 
 def _print_rows(rows):
-    print(f"{'cell':7s} {'T':>6s} {'B':>4s} {'D':>5s} {'H':>5s} {'method':>11s} {'time ms':>10s} {'IQR ms':>8s} "
-          f"{'compile s':>9s} {'temp MB':>9s} {'grad err':>9s}")
+    print(f"{'cell':7s} {'T':>6s} {'B':>4s} {'D':>5s} {'H':>5s} {'method':>14s} {'time ms':>10s} {'IQR ms':>8s} "
+          f"{'compile s':>9s} {'memory MB':>9s} {'grad err':>9s} {'GFLOP/s':>8s} {'of peak':>7s}")
     for r in rows:
         mem = r["temp_bytes"] / 1e6 if r["temp_bytes"] is not None else None
-        print(f"{r['cell']:7s} {r['T']:6d} {r['B']:4d} {r['D']:5d} {r['H']:5d} {r['method']:>11s} "
+        print(f"{r['cell']:7s} {r['T']:6d} {r['B']:4d} {r['D']:5d} {r['H']:5d} {r['method']:>14s} "
               f"{r['time_ms']:10.2f} {r['p75_ms'] - r['p25_ms']:8.2f} {r['compile_s']:9.2f} {_fmt(mem, '9.1f'):>9s} "
-              f"{_fmt(r['grad_rel_err'], '9.1e'):>9s}")
+              f"{_fmt(r['grad_rel_err'], '9.1e'):>9s} {r['gflops']:8.1f} {_fmt(r['peak_fraction'], '7.1%'):>7s}")
 
 
 def summarize(rows, baseline):
@@ -102,41 +102,62 @@ def summarize(rows, baseline):
 
 def _print_summary(ratios, aggregate, baseline):
     print(f"\nRatios to {baseline} (below 1: faster / less memory):")
-    print(f"{'cell':7s} {'T':>6s} {'B':>4s} {'D':>5s} {'H':>5s} {'method':>11s} {'time':>7s} {'memory':>7s}")
+    print(f"{'cell':7s} {'T':>6s} {'B':>4s} {'D':>5s} {'H':>5s} {'method':>14s} {'time':>7s} {'memory':>7s}")
     for r in ratios:
-        print(f"{r['cell']:7s} {r['T']:6d} {r['B']:4d} {r['D']:5d} {r['H']:5d} {r['method']:>11s} "
+        print(f"{r['cell']:7s} {r['T']:6d} {r['B']:4d} {r['D']:5d} {r['H']:5d} {r['method']:>14s} "
               f"{r['time_ratio']:7.2f} {_fmt(r['memory_ratio'], '7.2f'):>7s}")
     for key, a in aggregate.items():
         print(f"  {key:42s} {a['configs']:2d} configs: time median {a['median_time_ratio']:.2f}, "
               f"max {a['max_time_ratio']:.2f}; memory median {_fmt(a['median_memory_ratio'], '.2f')}")
 
 
+def _best_unroll(rows) -> list[str]:
+    """When a section times jaxbptt at several unroll values, the fastest per configuration."""
+    lines = []
+    by_config = {}
+    for r in rows:
+        if r["method"] == "jaxbptt" or r["method"].startswith("jaxbptt u="):
+            by_config.setdefault((r["cell"], r["T"], r["B"], r["D"], r["H"]), []).append(r)
+    for config, rs in by_config.items():
+        if len(rs) > 1:
+            best = min(rs, key=lambda r: r["time_ms"])
+            unroll = best["method"].split("u=")[1] if "u=" in best["method"] else "1"
+            lines.append(f"  best unroll for {config}: {unroll} ({best['time_ms']:.2f} ms; "
+                         f"{best['time_ms'] / best['T'] * 1e3:.1f} us per step)")
+    return lines
+
+
 def main(argv=None):
     args = _parse(argv)
     sections = [(s, *_selected(s, args)) for s in SUITES[args.suite]]
     total = sum(len(configs) for _, configs, _ in sections)
-    print(f"device {device_name()}, float32 data, loss: per-step MSE of a {OUTPUT_SIZE}-unit readout; "
-          f"suite {args.suite}: {total} configurations", flush=True)
-    report = {"device": device_name(), "suite": args.suite, "sections": []}
+    peak = matmul_peak_gflops()
+    print(f"device {device_name()} (float32 matrix-product peak measured now: {peak:.0f} GFLOP/s), float32 data, "
+          f"loss: per-step MSE of a {OUTPUT_SIZE}-unit readout; suite {args.suite}: {total} configurations", flush=True)
+    report = {"device": device_name(), "suite": args.suite, "peak_gflops": peak, "sections": []}
     bar = _progress(range(total), desc="benchmarks", unit="config")
     bar_it = iter(bar)
     for section, configs, methods in sections:
-        rows = []
+        rows, skipped = [], {}
         for cell, T, B, D, H in configs:
             problem = make_problem(cell, T, B, D, H)
-            reference = oracle_grads(problem)
             builders = {m: METHODS[m] for m in methods}
-            rows += measure(problem, builders, budget_s=args.budget, reference=reference,
-                            exact={m for m in methods if m not in GRADIENT_CHANGING})
+            rows += measure(problem, builders, budget_s=args.budget, peak_gflops=peak, skipped=skipped)
             next(bar_it, None)
         if not rows:
             continue
         print(f"\n== {section.name}: {section.note}")
         _print_rows(rows)
+        for name, why in skipped.items():
+            print(f"  skipped {name}: {why}")
         ratios, aggregate = summarize(rows, section.baseline)
         _print_summary(ratios, aggregate, section.baseline)
+        best = _best_unroll(rows)
+        for line in best:
+            print(line)
         report["sections"].append({"name": section.name, "baseline": section.baseline, "rows": rows,
-                                   "ratios": ratios, "summary": aggregate})
+                                   "ratios": ratios, "summary": aggregate, "skipped": skipped,
+                                   "best_unroll": best})
     if hasattr(bar, "close"):
         bar.close()
     if args.suite in ("default", "memory") and not (args.cell or args.size or args.method):

@@ -1,5 +1,5 @@
-"""Measurement: compile, warm up, time interleaved calls, read XLA's temp memory, and compare
-gradients with a float64 oracle."""
+"""Measurement: compile, warm up, time interleaved calls, read memory, compare gradients with a
+float64 oracle, and count FLOP/s against this machine's measured matrix-product peak."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from ._methods import autodiff
-from ._problems import Problem, as_float64
+from ._methods import Bound, oracle
+from ._problems import OUTPUT_SIZE, Problem
 
 
 def device_name() -> str:
@@ -19,7 +20,7 @@ def device_name() -> str:
 
 
 def relative_error(grads, reference) -> float:
-    """The largest ||g - g_ref|| / ||g_ref|| over gradient leaves."""
+    """The largest ||g - g_ref|| / ||g_ref|| over gradient leaves (matched in order)."""
     errors = []
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)):
         g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
@@ -27,50 +28,91 @@ def relative_error(grads, reference) -> float:
     return float(max(errors))
 
 
-def oracle_grads(problem: Problem):
-    """Float64 gradients of plain autodiff through lax.scan (needs jax_enable_x64)."""
-    p = as_float64(problem)
-    return jax.jit(autodiff(p.step))(p.params, p.carry, p.xs, p.targets)[1]
+def matmul_peak_gflops() -> float:
+    """This machine's float32 matrix-product rate (GFLOP/s), measured on a large square product."""
+    n = 4096 if jax.devices()[0].platform == "gpu" else 2048
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(f(a))
+    best = min(_time(lambda: jax.block_until_ready(f(a))) for _ in range(5))
+    return 2 * n**3 / best / 1e9
 
 
-def measure(problem: Problem, builders: dict[str, Callable], *, budget_s: float = 4.0, max_repeats: int = 15,
-            reference=None, exact=None) -> list[dict]:
-    """One row per method: median step time, spread, compile time, temp memory, and the gradient
-    error against `reference` for the methods in `exact` (all when None)."""
-    args = (problem.params, problem.carry, problem.xs, problem.targets)
-    compiled, rows = {}, {}
-    for name, build in builders.items():
+def model_gflop(problem: Problem) -> float:
+    """Matrix-product GFLOP of one training step (forward, then two products per forward one)."""
+    gates = {"elman": 1, "lstm": 4, "gru": 3}.get(problem.cell)
+    B, D, H, O = problem.B, problem.D, problem.H, OUTPUT_SIZE
+    per_step = (D + H) * gates * H if gates else (D + H) * H + 2 * H * H  # custom: two layers
+    return 3 * 2 * problem.T * B * (per_step + H * O) / 1e9
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _prepare(name: str, bound: Bound):
+    """A timed callable, compile seconds, memory bytes and gradients (the warm-up call's)."""
+    if bound.kind == "torch":
+        import torch
+
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        compiled[name] = jax.jit(build(problem)).lower(*args).compile()
+        grads = bound.run()
         compile_s = time.perf_counter() - start
-        _, grads = jax.block_until_ready(compiled[name](*args))  # warm-up
-        grads = grads[0] if isinstance(grads, tuple) else grads  # (grads, diag) with diagnostics
-        memory = compiled[name].memory_analysis()
+        memory = int(torch.cuda.max_memory_allocated()) if cuda else None
+        return bound.run, compile_s, memory, [g.detach().cpu().numpy() for g in grads]
+    start = time.perf_counter()
+    compiled = jax.jit(bound.run).lower(*bound.args).compile()
+    compile_s = time.perf_counter() - start
+    _, grads = jax.block_until_ready(compiled(*bound.args))
+    analysis = compiled.memory_analysis()
+    memory = int(analysis.temp_size_in_bytes) if analysis is not None else None
+    return (lambda: jax.block_until_ready(compiled(*bound.args))), compile_s, memory, grads
+
+
+def measure(problem: Problem, builders: dict[str, Callable], *, budget_s: float = 3.0, max_repeats: int = 15,
+            peak_gflops: float | None = None, skipped: dict | None = None) -> list[dict]:
+    """One row per method: median time and spread, compile time, memory, gradient error, FLOP/s.
+    Methods whose library is missing are left out and their reason recorded in `skipped`."""
+    reference = oracle(problem)
+    calls, rows, kinds = {}, {}, {}
+    for name, build in builders.items():
+        try:
+            bound = build(problem, reference)
+        except ImportError as err:
+            if skipped is not None:
+                skipped[name] = str(err)
+            continue
+        calls[name], compile_s, memory, grads = _prepare(name, bound)
+        kinds[name] = bound.kind
         rows[name] = {
             "device": device_name(), "dtype": str(problem.xs.dtype), "cell": problem.cell,
             "T": problem.T, "B": problem.B, "D": problem.D, "H": problem.H, "method": name,
-            "compile_s": compile_s,
-            "temp_bytes": int(memory.temp_size_in_bytes) if memory is not None else None,
-            "grad_rel_err": relative_error(grads, reference)
-            if reference is not None and (exact is None or name in exact) else None,
+            "compile_s": compile_s, "temp_bytes": memory,
+            "grad_rel_err": relative_error(grads, bound.oracle()) if bound.oracle is not None else None,
             "times": [],
         }
-    first = {}
-    for name, fn in compiled.items():
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        first[name] = time.perf_counter() - start
-    repeats = int(min(max_repeats, max(3, budget_s / max(sum(first.values()), 1e-9))))
-    names = list(compiled)
-    for r in range(repeats):  # interleaved, rotating the order to spread drift evenly
+    first = sum(_time(call) for call in calls.values())
+    repeats = int(min(max_repeats, max(3, budget_s / max(first, 1e-9))))
+    # JAX methods are interleaved, rotating the order to spread drift evenly; PyTorch's are timed
+    # after them, since its OpenMP threads keep spinning after a call and would slow the next one.
+    names = [n for n in calls if kinds[n] == "jax"]
+    for r in range(repeats):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
-            jax.block_until_ready(compiled[name](*args))
-            rows[name]["times"].append(time.perf_counter() - start)
+            rows[name]["times"].append(_time(calls[name]))
+    for name in (n for n in calls if kinds[n] != "jax"):
+        rows[name]["times"] = [_time(calls[name]) for _ in range(repeats)]
+    gflop = model_gflop(problem)
     out = []
     for row in rows.values():
         times = np.asarray(row.pop("times"))
-        row.update(time_ms=float(np.median(times) * 1e3), p25_ms=float(np.percentile(times, 25) * 1e3),
-                   p75_ms=float(np.percentile(times, 75) * 1e3), repeats=len(times))
+        median = float(np.median(times))
+        row.update(time_ms=median * 1e3, p25_ms=float(np.percentile(times, 25) * 1e3),
+                   p75_ms=float(np.percentile(times, 75) * 1e3), repeats=len(times),
+                   gflops=gflop / median, peak_fraction=(gflop / median / peak_gflops) if peak_gflops else None)
         out.append(row)
     return out

@@ -22,8 +22,16 @@ CORE = Section(
     ("jax.grad", "jaxbptt"), "jax.grad",
     "exact BPTT: jaxbptt against jax.grad through lax.scan of the same step and loss",
 )
+PEER_METHODS = ("jax.grad", "jaxbptt", "jax.checkpoint", "flax", "equinox", "torch")
+PEERS = Section(
+    "peers", [(cell, *size) for cell in ("elman", "lstm", "gru") for size in ((1000, 16, 64, 256), (1000, 1, 32, 64))]
+    + [("lstm", 25, 128, 1024, 1024)],
+    PEER_METHODS, "jax.grad",
+    "every method on the same model, loss and data: research default (1000,16,64,256), small-batch "
+    "latency (1000,1,32,64) and DeepBench's training LSTM (25,128,1024,1024)",
+)
 OPTIONS = Section(
-    "options", [(cell, 1000, 16, 64, 256) for cell in ("elman", "lstm", "gru")] + [("lstm", 500, 32, 64, 128)],
+    "options", [(cell, 1000, 16, 64, 256) for cell in ("elman", "lstm", "gru")],
     ("jaxbptt", "k=10", "(5,10)", "(10,40)", "clip+diag"), "jaxbptt",
     "gradient options: cost relative to exact jaxbptt BPTT",
 )
@@ -43,8 +51,18 @@ POLICIES = Section(
     "every memory policy from 10^3 to 10^5 steps (Binomial(16): at most 16 carries kept)",
 )
 QUICK = Section(
-    "quick", [(cell, 200, 16, 32, 64) for cell in ("elman", "lstm", "gru", "custom")],
-    ("jax.grad", "jaxbptt", "k=10", "remat=sqrt"), "jax.grad", "smoke run",
+    "quick", [(cell, 100, 8, 16, 32) for cell in ("elman", "lstm", "gru", "custom")],
+    ("jax.grad", "jaxbptt", "jax.checkpoint", "flax", "equinox", "torch", "k=10", "remat=sqrt"), "jax.grad",
+    "smoke run: every method on small problems",
+)
+GPU_UNROLLS = ("jaxbptt", "jaxbptt u=2", "jaxbptt u=4", "jaxbptt u=8")
+GPU = Section(
+    "gpu", [("lstm", 25, 128, 1024, 1024), ("gru", 25, 128, 1024, 1024), ("lstm", 1000, 1, 32, 64),
+            ("lstm", 1000, 16, 64, 256), ("gru", 1000, 16, 64, 256), ("elman", 1000, 16, 64, 256),
+            ("lstm", 200, 256, 512, 512)],
+    ("jax.grad", *GPU_UNROLLS, "torch", "flax"), "jax.grad",
+    "one GPU: DeepBench training LSTM / GRU, per-step latency at batch 1, research default, a large batch; "
+    "jaxbptt at unroll 1, 2, 4, 8",
 )
 
-SUITES = {"default": [CORE, OPTIONS, MEMORY, PRECISION], "quick": [QUICK], "memory": [POLICIES]}
+SUITES = {"default": [CORE, PEERS, OPTIONS, MEMORY, PRECISION], "quick": [QUICK], "memory": [POLICIES], "gpu": [GPU]}
