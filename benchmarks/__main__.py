@@ -43,7 +43,7 @@ def _parse(argv):
     parser.add_argument("--size", action="append", help="only these sizes, as T,B,D,H (repeatable)")
     parser.add_argument("--json", metavar="PATH", help="also write rows and summaries as JSON")
     parser.add_argument("--plot", metavar="PATH", help="plot time and memory against T per method (PNG)")
-    parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per configuration")
+    parser.add_argument("--budget", type=float, default=1.5, help="seconds of timed calls per configuration")
     return parser.parse_args(argv)
 
 
@@ -111,6 +111,18 @@ def _print_summary(ratios, aggregate, baseline):
               f"max {a['max_time_ratio']:.2f}; memory median {_fmt(a['median_memory_ratio'], '.2f')}")
 
 
+def _print_exact_bptt_summary(report) -> None:
+    """jaxbptt against jax.grad over every configuration of the run that has both."""
+    rows = [r for section in report["sections"] for r in section["rows"] if r["method"] in ("jax.grad", "jaxbptt")]
+    ratios, aggregate = summarize(rows, "jax.grad")
+    if ratios:
+        print("\n== exact BPTT, all sections: jaxbptt / jax.grad through lax.scan")
+        for key, a in aggregate.items():
+            print(f"  {key:42s} {a['configs']:2d} configs: time median {a['median_time_ratio']:.2f}, "
+                  f"max {a['max_time_ratio']:.2f}; memory median {_fmt(a['median_memory_ratio'], '.2f')}")
+        report["exact_bptt"] = {"ratios": ratios, "summary": aggregate}
+
+
 def _best_unroll(rows) -> list[str]:
     """When a section times jaxbptt at several unroll values, the fastest per configuration."""
     lines = []
@@ -160,6 +172,7 @@ def main(argv=None):
                                    "best_unroll": best})
     if hasattr(bar, "close"):
         bar.close()
+    _print_exact_bptt_summary(report)
     if args.suite in ("default", "memory") and not (args.cell or args.size or args.method):
         from ._online import online_memory, print_online
 
