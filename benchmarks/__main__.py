@@ -112,8 +112,10 @@ def _print_summary(ratios, aggregate, baseline):
 
 
 def _print_exact_bptt_summary(report) -> None:
-    """jaxbptt against jax.grad over every configuration of the run that has both."""
-    rows = [r for section in report["sections"] for r in section["rows"] if r["method"] in ("jax.grad", "jaxbptt")]
+    """jaxbptt against jax.grad over every configuration of the run that has both, each pair from the
+    section that measured them side by side."""
+    rows = [r for section in report["sections"] if section["baseline"] == "jax.grad"
+            for r in section["rows"] if r["method"] in ("jax.grad", "jaxbptt")]
     ratios, aggregate = summarize(rows, "jax.grad")
     if ratios:
         print("\n== exact BPTT, all sections: jaxbptt / jax.grad through lax.scan")
