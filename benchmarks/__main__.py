@@ -25,12 +25,20 @@ from ._problems import OUTPUT_SIZE, make_problem  # noqa: E402
 from ._suites import SUITES  # noqa: E402
 
 
-def _progress(items, **kwargs):
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, **kwargs):
     try:
         from tqdm import tqdm
     except ImportError:  # tqdm is in the `bench` extra; without it, no bar
-        return items
-    return tqdm(items, file=sys.stderr, **kwargs)
+        return _NoBar()
+    return tqdm(total=total, file=sys.stderr, **kwargs)
 
 
 def _parse(argv):
@@ -106,6 +114,10 @@ def _print_summary(ratios, aggregate, baseline):
     for r in ratios:
         print(f"{r['cell']:7s} {r['T']:6d} {r['B']:4d} {r['D']:5d} {r['H']:5d} {r['method']:>14s} "
               f"{r['time_ratio']:7.2f} {_fmt(r['memory_ratio'], '7.2f'):>7s}")
+    _print_aggregate(aggregate)
+
+
+def _print_aggregate(aggregate):
     for key, a in aggregate.items():
         print(f"  {key:42s} {a['configs']:2d} configs: time median {a['median_time_ratio']:.2f}, "
               f"max {a['max_time_ratio']:.2f}; memory median {_fmt(a['median_memory_ratio'], '.2f')}")
@@ -119,9 +131,7 @@ def _print_exact_bptt_summary(report) -> None:
     ratios, aggregate = summarize(rows, "jax.grad")
     if ratios:
         print("\n== exact BPTT, all sections: jaxbptt / jax.grad through lax.scan")
-        for key, a in aggregate.items():
-            print(f"  {key:42s} {a['configs']:2d} configs: time median {a['median_time_ratio']:.2f}, "
-                  f"max {a['max_time_ratio']:.2f}; memory median {_fmt(a['median_memory_ratio'], '.2f')}")
+        _print_aggregate(aggregate)
         report["exact_bptt"] = {"ratios": ratios, "summary": aggregate}
 
 
@@ -149,15 +159,14 @@ def main(argv=None):
     print(f"device {device_name()} (float32 matrix-product peak measured now: {peak:.0f} GFLOP/s), float32 data, "
           f"loss: per-step MSE of a {OUTPUT_SIZE}-unit readout; suite {args.suite}: {total} configurations", flush=True)
     report = {"device": device_name(), "suite": args.suite, "peak_gflops": peak, "sections": []}
-    bar = _progress(range(total), desc="benchmarks", unit="config")
-    bar_it = iter(bar)
+    bar = _progress(total, desc="benchmarks", unit="config")
     for section, configs, methods in sections:
         rows, skipped = [], {}
         for cell, T, B, D, H in configs:
             problem = make_problem(cell, T, B, D, H)
             builders = {m: METHODS[m] for m in methods}
             rows += measure(problem, builders, budget_s=args.budget, peak_gflops=peak, skipped=skipped)
-            next(bar_it, None)
+            bar.update(1)
         if not rows:
             continue
         print(f"\n== {section.name}: {section.note}")
@@ -172,8 +181,7 @@ def main(argv=None):
         report["sections"].append({"name": section.name, "baseline": section.baseline, "rows": rows,
                                    "ratios": ratios, "summary": aggregate, "skipped": skipped,
                                    "best_unroll": best})
-    if hasattr(bar, "close"):
-        bar.close()
+    bar.close()
     _print_exact_bptt_summary(report)
     if args.suite in ("default", "memory") and not (args.cell or args.size or args.method):
         from ._online import online_memory, print_online
