@@ -64,7 +64,11 @@ def oracle(problem: Problem) -> Callable:
 def _jaxbptt(exact: bool = True, **options) -> Callable:
     def build(problem: Problem, reference) -> Bound:
         f = jb.value_and_grad(problem.step, mse, **options)
-        run = lambda *args: (lambda out: (out[0][0], out[1]))(f(*args))
+
+        def run(*args):
+            (loss, _), grads = f(*args)
+            return loss, grads
+
         return Bound(run, problem_args(problem), oracle=reference if exact else None)
 
     return build

@@ -192,10 +192,6 @@ def _spec(tree: PyTree, shape=lambda s: s) -> PyTree:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(shape(tuple(np.shape(a))), jnp.result_type(a)), tree)
 
 
-def zeros_like_tree(tree: PyTree, dtype=None) -> PyTree:
-    return jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), dtype or a.dtype), tree)
-
-
 def is_float(x) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
