@@ -22,7 +22,7 @@ jax.config.update("jax_enable_x64", True)  # for the float64 oracle; benchmark d
 from ._harness import device_name, matmul_peak_gflops, measure  # noqa: E402
 from ._methods import METHODS  # noqa: E402
 from ._problems import OUTPUT_SIZE, make_problem  # noqa: E402
-from ._suites import SUITES  # noqa: E402
+from ._suites import SUITE_EXTRAS, SUITES, smoke_configs  # noqa: E402
 
 
 class _NoBar:
@@ -52,11 +52,17 @@ def _parse(argv):
     parser.add_argument("--json", metavar="PATH", help="also write rows and summaries as JSON")
     parser.add_argument("--plot", metavar="PATH", help="plot time and memory against T per method (PNG)")
     parser.add_argument("--budget", type=float, default=1.5, help="seconds of timed calls per configuration")
-    return parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true",
+                        help="every configuration at a tiny size and every extra measurement shrunk: checks that "
+                             "each section and method runs (in seconds), measures nothing worth reading")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.budget = 0.0
+    return args
 
 
 def _selected(section, args):
-    configs = section.configs
+    configs = smoke_configs(section.configs) if args.smoke else section.configs
     if args.cell:
         configs = [c for c in configs if c[0] in args.cell]
     if args.size:
@@ -151,11 +157,27 @@ def _best_unroll(rows) -> list[str]:
     return lines
 
 
+def _online(smoke: bool):
+    from ._online import SMOKE, online_memory, print_online
+
+    return online_memory(**(SMOKE if smoke else {})), print_online
+
+
+def _sweep(smoke: bool):
+    from ._sweep import SMOKE, print_sweep, sweep_timing
+
+    return sweep_timing(**(SMOKE if smoke else {})), print_sweep
+
+
+# The extra measurements a suite may name in `SUITE_EXTRAS`: name -> run(smoke) -> (result, printer).
+EXTRAS = {"online": _online, "sweep": _sweep}
+
+
 def main(argv=None):
     args = _parse(argv)
     sections = [(s, *_selected(s, args)) for s in SUITES[args.suite]]
     total = sum(len(configs) for _, configs, _ in sections)
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(256 if args.smoke else None)
     print(f"device {device_name()} (float32 matrix-product peak measured now: {peak:.0f} GFLOP/s), float32 data, "
           f"loss: per-step MSE of a {OUTPUT_SIZE}-unit readout; suite {args.suite}: {total} configurations", flush=True)
     report = {"device": device_name(), "suite": args.suite, "peak_gflops": peak, "sections": []}
@@ -183,16 +205,10 @@ def main(argv=None):
                                    "best_unroll": best})
     bar.close()
     _print_exact_bptt_summary(report)
-    if args.suite in ("default", "memory") and not (args.cell or args.size or args.method):
-        from ._online import online_memory, print_online
-
-        report["online"] = online_memory()
-        print_online(report["online"])
-    if args.suite == "default" and not (args.cell or args.size or args.method):
-        from ._sweep import print_sweep, sweep_timing
-
-        report["sweep"] = sweep_timing()
-        print_sweep(report["sweep"])
+    if not (args.cell or args.size or args.method):
+        for name in SUITE_EXTRAS.get(args.suite, ()):
+            report[name], show = EXTRAS[name](args.smoke)
+            show(report[name])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -28,9 +28,9 @@ def relative_error(grads, reference) -> float:
     return float(max(errors))
 
 
-def matmul_peak_gflops() -> float:
+def matmul_peak_gflops(n: int | None = None) -> float:
     """This machine's float32 matrix-product rate (GFLOP/s), measured on a large square product."""
-    n = 4096 if jax.devices()[0].platform == "gpu" else 2048
+    n = n or (4096 if jax.devices()[0].platform == "gpu" else 2048)
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     jax.block_until_ready(f(a))

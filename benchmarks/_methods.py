@@ -66,7 +66,7 @@ def _jaxbptt(exact: bool = True, **options) -> Callable:
         f = jb.value_and_grad(problem.step, mse, **options)
 
         def run(*args):
-            (loss, _), grads = f(*args)
+            (loss, *_), grads = f(*args)  # (loss, final_carry) or, with diagnostics, (loss, final_carry, diag)
             return loss, grads
 
         return Bound(run, problem_args(problem), oracle=reference if exact else None)

@@ -11,6 +11,9 @@ import jaxbptt as jb
 from ._problems import make_problem, mse
 
 
+SMOKE = dict(lengths=(20, 40), B=2, D=3, H=4, truncation=(2, 4))
+
+
 def online_memory(lengths=(1_000, 10_000, 100_000), cell="lstm", B=16, D=32, H=128, truncation=(10, 40)) -> list[dict]:
     """Compile `update` for streams of each length (the same k1, k2) and read its temp memory;
     `xs` and `targets` are arguments, not temporaries, so they are excluded as the target asks."""

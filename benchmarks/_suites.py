@@ -67,3 +67,17 @@ GPU = Section(
 )
 
 SUITES = {"default": [CORE, PEERS, OPTIONS, PRECISION], "quick": [QUICK], "memory": [MEMORY, POLICIES], "gpu": [GPU]}
+
+# Measurements that are not (configuration x method) tables, run after a suite's sections when the
+# suite is run unfiltered (see `benchmarks.__main__.EXTRAS`).
+SUITE_EXTRAS = {"default": ("online", "sweep"), "memory": ("online",)}
+
+# `--smoke`: every configuration of a section at this (T, B, D, H), so each cell and method of every
+# section runs through the same code path in seconds; it checks that the main job works, and
+# measures nothing worth reading.
+SMOKE_SIZE = (6, 2, 3, 4)
+
+
+def smoke_configs(configs: list) -> list:
+    """One tiny configuration per cell, in the section's order."""
+    return list(dict.fromkeys((config[0], *SMOKE_SIZE) for config in configs))

@@ -13,6 +13,9 @@ import jaxbptt as jb
 from jaxbptt import tasks
 
 
+SMOKE = dict(hidden=4, length=5, batch=2, iterations=2, rates=2, seeds=2)
+
+
 def sweep_timing(cell="gru", hidden=32, length=50, batch=16, iterations=100, rates=8, seeds=4) -> dict:
     model = jb.with_readout({"gru": jb.gru, "lstm": jb.lstm, "elman": jb.elman}[cell](hidden), 1)
     opt = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
