@@ -25,7 +25,7 @@ from jax import lax
 from . import _validate as v
 from ._api import check_call, value_and_grad
 from ._kernel import is_float
-from ._reverse import truncation_spec
+from ._reverse import _global_norm_per_slot, truncation_spec
 from ._types import PyTree
 
 
@@ -41,8 +41,8 @@ def _clip_fwd(tree, clip_norm):
 
 
 def _clip_bwd(clip_norm, ct):
-    floats = [c for c in jax.tree.leaves(ct) if c.dtype != jax.dtypes.float0]
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(c.astype(jnp.promote_types(c.dtype, jnp.float32)))) for c in floats))
+    floats = [c[None] for c in jax.tree.leaves(ct) if c.dtype != jax.dtypes.float0]
+    norm = _global_norm_per_slot(floats)[0]
     scale = jnp.where(norm > clip_norm, clip_norm / jnp.where(norm > clip_norm, norm, 1), 1)
     scaled = jax.tree.map(lambda c: c if c.dtype == jax.dtypes.float0 else (c * scale).astype(c.dtype), ct)
     return scaled, jnp.zeros_like(clip_norm)
@@ -209,8 +209,9 @@ def check_grads(step, loss_fn, params, carry, xs, targets, *, rtol=None, **optio
     errors = {"loss": _relative_error(loss, ref_loss)}
     for (keypath, g), ref in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
         errors["grads" + jax.tree_util.keystr(keypath)] = _relative_error(g, ref)
-    worst = max(errors, key=errors.get)
-    if errors[worst] > rtol:
+    # NaN compares false with everything: rank it worst, and fail unless the error is <= rtol.
+    worst = max(errors, key=lambda name: (math.isnan(errors[name]), errors[name]))
+    if not errors[worst] <= rtol:
         raise AssertionError(
             f"jaxbptt gradient {worst} differs from the autodiff oracle: relative error "
             f"{errors[worst]:.3g} > rtol {rtol:.3g} (options {options})."

@@ -32,3 +32,54 @@ def test_traced_truncation_at_least_length_is_exact(k):
     _close(f(k), exact)
     final_grad = jax.jit(jax.grad(lambda p, k: jnp.sum(jb.unroll(CELL.step, p, args[1], args[2], truncation=k)[1])))
     _close(final_grad(args[0], k), jax.grad(lambda p: jnp.sum(jb.unroll(CELL.step, p, args[1], args[2])[1]))(args[0]))
+
+
+def test_check_grads_fails_on_nan_naming_the_leaf():
+    def step(p, c, x):  # d sqrt(v) / dv is infinite at v = 0: a non-finite gradient leaf
+        return c + jnp.sqrt(p["v"]), c * p["w"] + x
+
+    params, carry = {"v": jnp.zeros(()), "w": jnp.ones(())}, jnp.zeros((2,))
+    xs = jnp.ones((4, 2))
+    with pytest.raises(AssertionError, match=r"grads\['v'\].*nan"):
+        jb.check_grads(step, mse, params, carry, xs, jnp.zeros((4, 2)))
+
+
+def _explode(p, c, x):
+    return p * c + x, c
+
+
+@pytest.mark.parametrize("clip_norm", [None, 1.0])
+def test_float32_norms_do_not_overflow(clip_norm):
+    # Cotangent norms exceed 1e20: their squares overflow float32, the norms themselves do not.
+    loss = lambda y, t: 1e20 * jnp.sum(y * t)
+    results = []
+    for dtype in (jnp.float32, jnp.float64):
+        args = (jnp.asarray(1e3, dtype), jnp.ones((2, 4), dtype), jnp.ones((4, 2, 4), dtype), jnp.ones((4, 2, 4), dtype))
+        f = jb.value_and_grad(_explode, loss, argnums=(0, 1), diagnostics=True, clip_norm=clip_norm)
+        (_, _, diag), grads = f(*args)
+        results.append((diag.adjoint_norm, grads[1]))
+    (norm32, dcarry32), (norm64, dcarry64) = results
+    assert float(jnp.max(norm64)) > 1e20 and bool(jnp.all(jnp.isfinite(norm32)))
+    np.testing.assert_allclose(norm32, norm64, rtol=1e-5)
+    np.testing.assert_allclose(dcarry32, dcarry64, rtol=1e-5)
+    if clip_norm is not None:
+        np.testing.assert_allclose(jnp.linalg.norm(dcarry32), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("truncation", [(2, 4), 3])
+def test_second_derivatives_through_inactive_clipping_are_finite(truncation):
+    params, carry, xs, targets = _args()
+    targets = targets.at[3:7].set(0.0)
+    loss = lambda y, t: jnp.sum(y * t)  # zero loss on steps 3..6: exactly zero cotangents there
+
+    def meta(clip_norm, oracle=False):
+        make = jb.reference_value_and_grad if oracle else jb.value_and_grad
+        f = make(CELL.step, loss, truncation=truncation, clip_norm=clip_norm)
+        return jax.grad(lambda p: jnp.sum(f(p, carry, xs, targets)[1]["W_hh"] ** 2))(params)
+
+    # Not against each other: the oracle's stop_gradient also freezes the cut carries' dependence on
+    # the parameters in the second derivative, which the derivative of the engine's gradient keeps.
+    for oracle in (False, True):
+        unclipped = meta(None, oracle)
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(unclipped))
+        _close(meta(1e6, oracle), unclipped, rtol=1e-9)
