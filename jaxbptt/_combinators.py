@@ -57,6 +57,8 @@ def masked(step: StepFn) -> StepFn:
 
 def lengths_to_mask(lengths: jax.Array, length: int) -> jax.Array:
     """A time-major `(length, *lengths.shape)` bool mask, true where `t < lengths` (right padding)."""
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
+        raise ValueError(f"length must be a non-negative int (the number of time steps); got length={length!r}.")
     lengths = jnp.asarray(lengths)
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise TypeError(f"lengths must be an integer array; got dtype {lengths.dtype}.")

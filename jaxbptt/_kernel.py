@@ -114,6 +114,8 @@ def generic_kernel(step: Callable, params: PyTree, carry: PyTree, u: PyTree) -> 
     the residual layout, found once by tracing the step.
     """
     structure: dict[str, Any] = {}
+    user_step = step
+    step = lambda p, c, x: tuple(user_step(p, c, x))  # as in lax.scan, a list [carry, y] is a pair
 
     def residual_leaves(p, c, x):
         (new_c, _), vjp_fn = jax.vjp(lambda c_: step(p, c_, x), c)

@@ -23,7 +23,7 @@ import numpy as np
 from jax import lax
 
 from . import _validate as v
-from ._api import check_call, value_and_grad
+from ._api import check_call, loss_dtype, value_and_grad
 from ._kernel import is_float
 from ._reverse import _global_norm_per_slot, truncation_spec
 from ._types import PyTree
@@ -157,10 +157,11 @@ def reference_value_and_grad(step, loss_fn, *, argnums=0, truncation=None, clip_
 
     def value_and_grad_fn(params, carry, xs, targets):
         length, carry = check_call(step, loss_fn, argnums, params, carry, xs, targets)
+        dtype = loss_dtype(step, loss_fn, params, carry, xs, targets)
 
         def total(params, carry, xs):
             final, ys = reference_unroll(step, params, carry, xs, truncation=truncation, clip_norm=clip_norm)
-            return jnp.sum(jax.vmap(loss_fn)(ys, targets)) if length else jnp.zeros((), jnp.float32), final
+            return jnp.sum(jax.vmap(loss_fn)(ys, targets)) if length else jnp.zeros((), dtype), final
 
         return jax.value_and_grad(total, argnums, has_aux=True)(params, carry, xs)
 

@@ -83,3 +83,28 @@ def test_second_derivatives_through_inactive_clipping_are_finite(truncation):
         unclipped = meta(None, oracle)
         assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(unclipped))
         _close(meta(1e6, oracle), unclipped, rtol=1e-9)
+
+
+@pytest.mark.parametrize("carry", [(), {}, None])
+def test_step_without_carry(carry):
+    step = lambda p, c, x: (c, jnp.tanh(x @ p))
+    params, xs, targets = jnp.ones((3, 4)), jnp.ones((5, 2, 3)), jnp.zeros((5, 2, 4))
+    assert jb.check_grads(step, mse, params, carry, xs, targets, argnums=(0, 2), truncation=2, clip_norm=1.0) < 1e-10
+
+
+def test_step_returning_a_list():
+    step = lambda p, c, x: [jnp.tanh(x @ p + c), c]
+    params, carry, xs, targets = jnp.ones((3, 4)), jnp.zeros((2, 4)), jnp.ones((5, 2, 3)), jnp.zeros((5, 2, 4))
+    assert jb.check_grads(step, mse, params, carry, xs, targets, argnums=(0, 1, 2)) < 1e-10
+
+
+def test_empty_sequence_loss_follows_the_params_dtype():
+    params, carry, xs, targets = _args(T=0)
+    for make in (jb.value_and_grad, jb.reference_value_and_grad):
+        (loss, _), _ = make(CELL.step, mse)(params, carry, xs, targets)
+        assert loss.dtype == jnp.float64
+
+
+def test_lengths_to_mask_rejects_a_negative_length():
+    with pytest.raises(ValueError, match="length must be a non-negative int.*got length=-1"):
+        jb.lengths_to_mask(jnp.array([1]), -1)
