@@ -27,7 +27,12 @@ from ._kernel import Kernel, Step, identity_post, kernel_for
 from ._types import PyTree
 
 _lecun_normal = jax.nn.initializers.lecun_normal()
-_orthogonal = jax.nn.initializers.orthogonal()
+_orthogonal_init = jax.nn.initializers.orthogonal()
+
+
+def _orthogonal(key, shape, dtype):
+    """Orthogonal initialisation computed in at least float32 (LAPACK has no 16-bit QR), then cast."""
+    return _orthogonal_init(key, shape, jnp.promote_types(dtype, jnp.float32)).astype(dtype)
 
 
 class Cell(NamedTuple):

@@ -108,3 +108,19 @@ def test_empty_sequence_loss_follows_the_params_dtype():
 def test_lengths_to_mask_rejects_a_negative_length():
     with pytest.raises(ValueError, match="length must be a non-negative int.*got length=-1"):
         jb.lengths_to_mask(jnp.array([1]), -1)
+
+
+def test_bidirectional_rejects_a_probe():
+    params, carry, xs, _ = _args()
+    with pytest.raises(TypeError, match="bidirectional does not take probe"):
+        jb.bidirectional(CELL.step, CELL.step, (params, params), (carry, carry), xs, probe=jb.diagnostics_probe(10))
+
+
+@pytest.mark.parametrize("make", [jb.elman, jb.lstm, jb.gru])
+def test_sixteen_bit_init(make):
+    cell = make(4)
+    for dtype in (jnp.bfloat16, jnp.float16):
+        params = cell.init(jax.random.key(0), 3, dtype)
+        assert {a.dtype for a in jax.tree.leaves(params)} == {jnp.dtype(dtype)}
+    np.testing.assert_array_equal(cell.init(jax.random.key(0), 3, jnp.bfloat16)["W_hh" if make is jb.elman else "W_h"],
+                                  cell.init(jax.random.key(0), 3)["W_hh" if make is jb.elman else "W_h"].astype(jnp.bfloat16))
