@@ -124,3 +124,32 @@ def test_sixteen_bit_init(make):
         assert {a.dtype for a in jax.tree.leaves(params)} == {jnp.dtype(dtype)}
     np.testing.assert_array_equal(cell.init(jax.random.key(0), 3, jnp.bfloat16)["W_hh" if make is jb.elman else "W_h"],
                                   cell.init(jax.random.key(0), 3)["W_hh" if make is jb.elman else "W_h"].astype(jnp.bfloat16))
+
+
+@pytest.mark.parametrize("make", [jb.elman, jb.lstm, jb.gru])
+def test_cells_differentiate_an_unbatched_input_against_a_batched_carry(make):
+    cell = make(4)
+    params = cell.init(jax.random.key(0), 3, jnp.float64)
+    xs, targets = jax.random.normal(jax.random.key(1), (6, 3)), jnp.zeros((6, 2, 4))
+    with jax.numpy_rank_promotion("allow"):  # the input broadcasts against the carry's batch axis
+        assert jb.check_grads(cell.step, mse, params, cell.initial_carry((2,), jnp.float64), xs, targets,
+                              argnums=(0, 1, 2)) < 1e-10
+
+
+LSTM, GRU = jb.lstm(4), jb.gru(4)
+
+
+@pytest.mark.parametrize("cell, params, carry, xs, error, match", [
+    (CELL, "elman", jnp.zeros((2, 4)), jnp.ones((10, 2, 2)), ValueError, r"x must have input_size=3 .* got x of shape \(2, 2\)"),
+    (CELL, "elman", jnp.zeros((3, 4)), jnp.ones((10, 2, 3)), ValueError, r"batch shape \(2,\) but the carry has batch shape \(3,\)"),
+    (CELL, "elman", jnp.zeros((2, 4)), jnp.ones((2, 10, 3)), ValueError, r"batch-major, pass jnp.swapaxes\(xs, 0, 1\)"),
+    (CELL, "elman", jnp.zeros((2, 5)), jnp.ones((10, 2, 3)), ValueError, r"hidden_size=4 .* got shape \(2, 5\)"),
+    (CELL, "gru", jnp.zeros((2, 4)), jnp.ones((10, 2, 3)), TypeError, r"elman cell's params .* another cell"),
+    (LSTM, "lstm", (jnp.zeros((2, 4)),) * 2, jnp.ones((10, 2, 3)), TypeError, r"carry of the lstm cell must be LSTMState .*; got tuple"),
+    (GRU, "lstm", jnp.zeros((2, 4)), jnp.ones((10, 2, 3)), TypeError, r"gru cell's params"),
+])
+def test_cells_name_what_is_wrong(cell, params, carry, xs, error, match):
+    params = {"elman": CELL, "gru": GRU, "lstm": LSTM}[params].init(jax.random.key(0), 3)
+    targets = jnp.zeros(xs.shape[:2] + (4,))
+    with pytest.raises(error, match=match):
+        jb.value_and_grad(cell.step, mse)(params, carry, xs, targets)
