@@ -144,6 +144,12 @@ def value_and_grad(
     checked = jax.jit(checkify.checkify(value_and_grad_fn, errors=checkify.user_checks))
 
     def checked_value_and_grad_fn(params, carry, xs, targets):
+        if any(v.is_traced(a) for a in jax.tree.leaves((params, carry, xs, targets))):
+            raise ValueError(
+                "value_and_grad(..., check_finite=True) compiles and runs its own checked program and raises "
+                "from it, so it cannot be traced (jax.jit, jax.vmap, jax.grad, or a jitted make_train_step): "
+                "call it, or the train step built on it, on concrete arrays outside jit, or set check_finite=False."
+            )
         error, out = checked(params, carry, xs, targets)
         error.throw()
         return out

@@ -183,7 +183,7 @@ def check_grads(step, loss_fn, params, carry, xs, targets, *, rtol=None, **optio
       step, loss_fn, params, carry, xs, targets: as in `jaxbptt.value_and_grad`.
       rtol: the largest relative error accepted; default 1e-8 in float64, 1e-4 in float32, 1e-2
         for 16-bit floats.
-      **options: `argnums`, `truncation`, `clip_norm`, `remat`, `unroll` for `jaxbptt.value_and_grad`;
+      **options: `argnums`, `truncation`, `clip_norm`, `remat`, `unroll`, `check_finite` for `jaxbptt.value_and_grad`;
         those that change gradients go to the oracle too.
 
     Returns:
@@ -204,7 +204,8 @@ def check_grads(step, loss_fn, params, carry, xs, targets, *, rtol=None, **optio
     """
     reference_options = {k: options[k] for k in ("argnums", "truncation", "clip_norm") if k in options}
     args = (params, carry, xs, targets)
-    (loss, _), grads = jax.jit(value_and_grad(step, loss_fn, **options))(*args)
+    fn = value_and_grad(step, loss_fn, **options)
+    (loss, _), grads = (fn if options.get("check_finite") else jax.jit(fn))(*args)  # checked: compiles itself
     (ref_loss, _), ref_grads = jax.jit(reference_value_and_grad(step, loss_fn, **reference_options))(*args)
     rtol = _default_rtol(ref_grads) if rtol is None else rtol
     errors = {"loss": _relative_error(loss, ref_loss)}

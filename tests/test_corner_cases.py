@@ -153,3 +153,15 @@ def test_cells_name_what_is_wrong(cell, params, carry, xs, error, match):
     targets = jnp.zeros(xs.shape[:2] + (4,))
     with pytest.raises(error, match=match):
         jb.value_and_grad(cell.step, mse)(params, carry, xs, targets)
+
+
+def test_check_finite_runs_in_check_grads_and_refuses_jit():
+    args = _args()
+    assert jb.check_grads(CELL.step, mse, *args, truncation=3, check_finite=True) < 1e-10
+    f = jb.value_and_grad(CELL.step, mse, check_finite=True)
+    with pytest.raises(ValueError, match=r"check_finite=True.*cannot be traced.*outside jit"):
+        jax.jit(f)(*args)
+    import optax
+    train_step = jb.make_train_step(CELL.step, mse, optax.sgd(0.1), check_finite=True)
+    with pytest.raises(ValueError, match=r"check_finite=True.*cannot be traced"):
+        jax.jit(train_step)(args[0], optax.sgd(0.1).init(args[0]), *args[1:])
