@@ -297,7 +297,7 @@ def _revolve(bwd: _Backward, plan: Plan, saved, slots, acc):
     (_, unit, full), *tail = plan.groups
     tail_length = tail[0][1] if tail else 0
     ops, first, second = (jnp.asarray(a, jnp.int32) for a in (schedule.ops, schedule.first, schedule.second))
-    record_shape = jax.eval_shape(lambda: bwd.block(slots, acc, 0, unit, carry0)[2:])
+    record_shape = jax.eval_shape(lambda: bwd.block(slots, acc, jnp.zeros((), jnp.int32), unit, carry0)[2:])
     buffers = jax.tree.map(lambda a: jnp.zeros((plan.length,) + a.shape[1:], a.dtype), record_shape)
     snaps = jax.tree.map(lambda c: jnp.zeros((schedule.slots,) + c.shape, c.dtype), carry0)
 

@@ -165,3 +165,11 @@ def test_check_finite_runs_in_check_grads_and_refuses_jit():
     train_step = jb.make_train_step(CELL.step, mse, optax.sgd(0.1), check_finite=True)
     with pytest.raises(ValueError, match=r"check_finite=True.*cannot be traced"):
         jax.jit(train_step)(args[0], optax.sgd(0.1).init(args[0]), *args[1:])
+
+
+def test_check_finite_with_a_binomial_schedule():
+    args = _args()
+    assert jb.check_grads(CELL.step, mse, *args, remat=jb.Binomial(2, block=1), check_finite=True) < 1e-10
+    bad = (args[0], args[1], args[2].at[7, 0, 0].set(jnp.nan), args[3])
+    with pytest.raises(Exception, match="non-finite carry or output in the forward pass at step 7"):
+        jb.value_and_grad(CELL.step, mse, remat=jb.Binomial(2, block=1), check_finite=True)(*bad)
