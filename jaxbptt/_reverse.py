@@ -166,7 +166,8 @@ def _global_norm_per_slot(tree, axis_name=None) -> jax.Array:
     safe = jnp.where(scale > 0, scale, 1)
     squares = jnp.sum(per_leaf(lambda a, axis: jnp.sum(jnp.square(a / _expand(safe, a)), axis=axis)), axis=0)
     squares = squares if axis_name is None else lax.psum(squares, axis_name)
-    return jnp.where(squares > 0, safe * jnp.sqrt(jnp.where(squares > 0, squares, 1)), 0)
+    norm = jnp.where(squares == 0, 0, safe * jnp.sqrt(jnp.where(squares == 0, 1, squares)))  # NaN stays NaN
+    return jnp.where(jnp.isinf(scale), scale, norm)
 
 
 def _expand(mask, leaf):
