@@ -33,10 +33,16 @@ def check_call(step, loss_fn, argnums, params, carry, xs, targets):
     return length, carry
 
 
-def zero_length_result(argnums, params, carry, xs, diagnostics):
+def loss_dtype(step, loss_fn, params, carry, xs, targets):
+    """The dtype of one step's loss, which the summed loss keeps (also for T = 0)."""
+    _, y = jax.eval_shape(step, params, carry, v.first_step(xs))
+    return jax.eval_shape(loss_fn, y, v.first_step(targets)).dtype
+
+
+def zero_length_result(argnums, params, carry, xs, diagnostics, dtype=jnp.float32):
     """The exact answer for T = 0: zero loss, the initial carry, zero gradients."""
     zeros = jax.tree.map(jnp.zeros_like, (params, carry, xs))
-    loss = jnp.zeros((), jnp.float32)
+    loss = jnp.zeros((), dtype)
     aux = (loss, carry)
     if diagnostics:
         aux += (_reverse.Diagnostics(jnp.zeros((0,), jnp.float32), jnp.zeros((0,), bool)),)
@@ -113,7 +119,8 @@ def value_and_grad(
     def value_and_grad_fn(params, carry, xs, targets):
         length, carry = check_call(step, loss_fn, argnums, params, carry, xs, targets)
         if length == 0:
-            return zero_length_result(argnums, params, carry, xs, diagnostics)
+            dtype = loss_dtype(step, loss_fn, params, carry, xs, targets)
+            return zero_length_result(argnums, params, carry, xs, diagnostics, dtype)
         trunc, k, clip = traced_options(truncation, clip_norm, length)
         plan = make_plan(length, remat, _reverse.rows_per_step(carry))
         kernel, consts = _reverse.setup(step, params, carry, xs)
@@ -137,6 +144,12 @@ def value_and_grad(
     checked = jax.jit(checkify.checkify(value_and_grad_fn, errors=checkify.user_checks))
 
     def checked_value_and_grad_fn(params, carry, xs, targets):
+        if any(v.is_traced(a) for a in jax.tree.leaves((params, carry, xs, targets))):
+            raise ValueError(
+                "value_and_grad(..., check_finite=True) compiles and runs its own checked program and raises "
+                "from it, so it cannot be traced (jax.jit, jax.vmap, jax.grad, or a jitted make_train_step): "
+                "call it, or the train step built on it, on concrete arrays outside jit, or set check_finite=False."
+            )
         error, out = checked(params, carry, xs, targets)
         error.throw()
         return out

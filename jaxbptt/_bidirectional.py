@@ -53,6 +53,12 @@ def bidirectional(
       >>> ys.shape
       (10, 2, 16)
     """
+    if "probe" in options:
+        raise TypeError(
+            "bidirectional does not take probe= (the two directions would add their diagnostics together); "
+            "to get each direction's diagnostics, call jaxbptt.unroll for each direction with its own probe "
+            "(reverse=True for the backward one)."
+        )
     for name, value in (("params", params), ("carries", carries)):
         if not isinstance(value, (tuple, list)) or len(value) != 2:
             raise ValueError(f"bidirectional needs {name} as a pair (forward, backward); got {type(value).__name__}"

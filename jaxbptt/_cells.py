@@ -21,13 +21,19 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ._kernel import Kernel, Step, identity_post, kernel_for
 from ._types import PyTree
 
 _lecun_normal = jax.nn.initializers.lecun_normal()
-_orthogonal = jax.nn.initializers.orthogonal()
+_orthogonal_init = jax.nn.initializers.orthogonal()
+
+
+def _orthogonal(key, shape, dtype):
+    """Orthogonal initialisation computed in at least float32 (LAPACK has no 16-bit QR), then cast."""
+    return _orthogonal_init(key, shape, jnp.promote_types(dtype, jnp.float32)).astype(dtype)
 
 
 class Cell(NamedTuple):
@@ -89,6 +95,35 @@ def _leading_sum(a):
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int; got {value!r}.")
+
+
+def _check_step_args(cell: str, params, carry, x, hidden_size: int, keys: tuple, state_type=None) -> None:
+    """Trace-time checks of a built-in cell's step arguments: each error names the argument, what it
+    got and what was expected (instead of a shape error from deep inside the cell)."""
+    if not isinstance(params, dict) or set(params) != set(keys):
+        got = f"keys {sorted(params)}" if isinstance(params, dict) else f"{type(params).__name__}"
+        raise TypeError(f"params must be the {cell} cell's params from its init, a dict with keys {sorted(keys)}; "
+                        f"got {got}. Were they made by another cell?")
+    expected = state_type.__name__ if state_type is not None else "an array"
+    if (state_type is not None and not isinstance(carry, state_type)) or (state_type is None and not hasattr(carry, "shape")):
+        raise TypeError(f"carry of the {cell} cell must be {expected} (see its initial_carry); got {type(carry).__name__}.")
+    for a in jax.tree.leaves(carry):
+        if np.shape(a)[-1:] != (hidden_size,):
+            raise ValueError(f"carry of the {cell} cell must have hidden_size={hidden_size} features on its last "
+                             f"axis; got shape {np.shape(a)}.")
+    width = np.shape(params[keys[0]])[0]
+    if np.shape(x)[-1:] != (width,):
+        raise ValueError(f"x must have input_size={width} features on its last axis (the params' input size); got "
+                         f"x of shape {np.shape(x)}.")
+    batch, x_batch = np.shape(jax.tree.leaves(carry)[0])[:-1], np.shape(x)[:-1]
+    try:
+        fits = np.broadcast_shapes(x_batch, batch) == batch
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"x has batch shape {x_batch} but the carry has batch shape {batch}; x must match (or "
+                         "broadcast to) the carry's batch shape. Inputs are time-major (T, batch, features): if xs "
+                         "is batch-major, pass jnp.swapaxes(xs, 0, 1).")
 
 
 def _zeros_carry(hidden_size: int):
@@ -171,6 +206,7 @@ def elman(
         return {"W_xh": w_xh, "W_hh": recurrent_scale * w_hh, "b_h": jnp.zeros((hidden_size,), dtype)}
 
     def step(params, h, x):
+        _check_step_args("elman", params, h, x, hidden_size, ("W_xh", "W_hh", "b_h"))
         h = act(_dense(x, params["W_xh"], params["b_h"]) + _dense(h, params["W_hh"])).astype(h.dtype)
         return h, h
 
@@ -260,6 +296,7 @@ def lstm(hidden_size: int, *, forget_bias: float = 1.0) -> Cell:
         return LSTMState(zeros, zeros)
 
     def step(params, state, x):
+        _check_step_args("lstm", params, state, x, H, ("W_x", "W_h", "b"), LSTMState)
         z = _dense(x, params["W_x"], params["b"]) + _dense(state.h, params["W_h"])
         i, f, g, o = jnp.split(z, 4, axis=-1)
         c = jax.nn.sigmoid(f) * state.c + jax.nn.sigmoid(i) * jnp.tanh(g)
@@ -339,6 +376,7 @@ def gru(hidden_size: int) -> Cell:
         return {"W_x": _lecun_normal(kx, (input_size, 3 * H), dtype), "b_x": zeros, "W_h": w_h, "b_h": zeros}
 
     def step(params, h, x):
+        _check_step_args("gru", params, h, x, H, ("W_x", "b_x", "W_h", "b_h"))
         rx, zx, nx = jnp.split(_dense(x, params["W_x"], params["b_x"]), 3, axis=-1)
         rh, zh, nh = jnp.split(_dense(h, params["W_h"], params["b_h"]), 3, axis=-1)
         r, z = jax.nn.sigmoid(rx + rh), jax.nn.sigmoid(zx + zh)

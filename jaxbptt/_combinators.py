@@ -31,7 +31,9 @@ def masked(step: StepFn) -> StepFn:
     """A step that skips masked-out rows: its input is `(x, m)`, `m` a bool array of the batch shape.
 
     Where `m` is false the carry passes through unchanged and `y` is zeros, so padded steps
-    contribute nothing to the loss or to any gradient. Padded inputs must be finite (zeros, say):
+    change neither the carry nor any gradient through it. Their loss `loss_fn(0, target)` is not
+    zero in general: to sum the loss over real steps only, pass the mask in the targets too and
+    zero the padded rows' loss, as in the example. Padded inputs must be finite (zeros, say):
     a zero cotangent times a non-finite residual is still NaN, and jaxbptt never hides a NaN.
 
     Examples:
@@ -43,6 +45,20 @@ def masked(step: StepFn) -> StepFn:
       >>> final, ys = jb.unroll(jb.masked(cell.step), params, cell.initial_carry((3,)), (xs, mask))
       >>> bool(jnp.all(final[2] == 0)), bool(jnp.all(ys[2:, 1] == 0))
       (True, True)
+
+      The loss over real steps only: the mask travels in the targets and zeroes padded rows.
+
+      >>> targets = jnp.ones((5, 3, 4), jnp.float32)
+      >>> def masked_mse(y, target):
+      ...   t, m = target
+      ...   return jnp.sum(jnp.where(m[:, None], (y - t) ** 2, 0.0))
+      >>> f = jb.value_and_grad(jb.masked(cell.step), masked_mse)
+      >>> (loss, _), grads = f(params, cell.initial_carry((3,)), (xs, mask), (targets, mask))
+      >>> plain = jb.value_and_grad(cell.step, lambda y, t: jnp.sum((y - t) ** 2))
+      >>> (row0, _), _ = plain(params, cell.initial_carry((1,)), xs[:, :1], targets[:, :1])    # 5 steps
+      >>> (row1, _), _ = plain(params, cell.initial_carry((1,)), xs[:2, 1:2], targets[:2, 1:2])  # 2 steps
+      >>> bool(jnp.allclose(loss, row0 + row1))
+      True
     """
 
     def masked_step(params, carry, inputs):
@@ -57,6 +73,8 @@ def masked(step: StepFn) -> StepFn:
 
 def lengths_to_mask(lengths: jax.Array, length: int) -> jax.Array:
     """A time-major `(length, *lengths.shape)` bool mask, true where `t < lengths` (right padding)."""
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
+        raise ValueError(f"length must be a non-negative int (the number of time steps); got length={length!r}.")
     lengths = jnp.asarray(lengths)
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise TypeError(f"lengths must be an integer array; got dtype {lengths.dtype}.")

@@ -223,5 +223,5 @@ def is_rowwise(step, params, carry, x, folded_carry, folded_x) -> bool:
     large = _rowwise_jaxpr(step, params, folded_carry, folded_x)
     if small is None or large is None:
         return False
-    rows = jax.tree.leaves(carry)[0].shape[0], jax.tree.leaves(folded_carry)[0].shape[0]
+    rows = jax.tree.leaves((carry, x))[0].shape[0], jax.tree.leaves((folded_carry, folded_x))[0].shape[0]
     return _same_program(small, large, *rows)

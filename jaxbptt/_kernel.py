@@ -74,7 +74,9 @@ class Step:
 
 def kernel_for(step: Callable, params: PyTree, carry: PyTree, x: PyTree) -> Kernel:
     """The hand-derived kernel of a built-in step, else the generic kernel of `step`."""
-    if isinstance(step, Step):
+    # Hand-derived kernels assume input and carry share their batch shape; an input broadcast
+    # against a batched carry (no batch axis, say) goes through the generic kernel instead.
+    if isinstance(step, Step) and len({np.shape(a)[:-1] for a in jax.tree.leaves((carry, x))}) == 1:
         return step.make_kernel(params, carry, x)
     return generic_kernel(step, params, carry, x)
 
@@ -114,6 +116,8 @@ def generic_kernel(step: Callable, params: PyTree, carry: PyTree, u: PyTree) -> 
     the residual layout, found once by tracing the step.
     """
     structure: dict[str, Any] = {}
+    user_step = step
+    step = lambda p, c, x: tuple(user_step(p, c, x))  # as in lax.scan, a list [carry, y] is a pair
 
     def residual_leaves(p, c, x):
         (new_c, _), vjp_fn = jax.vjp(lambda c_: step(p, c_, x), c)

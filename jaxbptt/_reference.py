@@ -23,9 +23,9 @@ import numpy as np
 from jax import lax
 
 from . import _validate as v
-from ._api import check_call, value_and_grad
+from ._api import check_call, loss_dtype, value_and_grad
 from ._kernel import is_float
-from ._reverse import truncation_spec
+from ._reverse import _global_norm_per_slot, truncation_spec
 from ._types import PyTree
 
 
@@ -41,8 +41,8 @@ def _clip_fwd(tree, clip_norm):
 
 
 def _clip_bwd(clip_norm, ct):
-    floats = [c for c in jax.tree.leaves(ct) if c.dtype != jax.dtypes.float0]
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(c.astype(jnp.promote_types(c.dtype, jnp.float32)))) for c in floats))
+    floats = [c[None] for c in jax.tree.leaves(ct) if c.dtype != jax.dtypes.float0]
+    norm = _global_norm_per_slot(floats)[0]
     scale = jnp.where(norm > clip_norm, clip_norm / jnp.where(norm > clip_norm, norm, 1), 1)
     scaled = jax.tree.map(lambda c: c if c.dtype == jax.dtypes.float0 else (c * scale).astype(c.dtype), ct)
     return scaled, jnp.zeros_like(clip_norm)
@@ -157,10 +157,11 @@ def reference_value_and_grad(step, loss_fn, *, argnums=0, truncation=None, clip_
 
     def value_and_grad_fn(params, carry, xs, targets):
         length, carry = check_call(step, loss_fn, argnums, params, carry, xs, targets)
+        dtype = loss_dtype(step, loss_fn, params, carry, xs, targets)
 
         def total(params, carry, xs):
             final, ys = reference_unroll(step, params, carry, xs, truncation=truncation, clip_norm=clip_norm)
-            return jnp.sum(jax.vmap(loss_fn)(ys, targets)) if length else jnp.zeros((), jnp.float32), final
+            return jnp.sum(jax.vmap(loss_fn)(ys, targets)) if length else jnp.zeros((), dtype), final
 
         return jax.value_and_grad(total, argnums, has_aux=True)(params, carry, xs)
 
@@ -182,7 +183,7 @@ def check_grads(step, loss_fn, params, carry, xs, targets, *, rtol=None, **optio
       step, loss_fn, params, carry, xs, targets: as in `jaxbptt.value_and_grad`.
       rtol: the largest relative error accepted; default 1e-8 in float64, 1e-4 in float32, 1e-2
         for 16-bit floats.
-      **options: `argnums`, `truncation`, `clip_norm`, `remat`, `unroll` for `jaxbptt.value_and_grad`;
+      **options: `argnums`, `truncation`, `clip_norm`, `remat`, `unroll`, `check_finite` for `jaxbptt.value_and_grad`;
         those that change gradients go to the oracle too.
 
     Returns:
@@ -203,14 +204,16 @@ def check_grads(step, loss_fn, params, carry, xs, targets, *, rtol=None, **optio
     """
     reference_options = {k: options[k] for k in ("argnums", "truncation", "clip_norm") if k in options}
     args = (params, carry, xs, targets)
-    (loss, _), grads = jax.jit(value_and_grad(step, loss_fn, **options))(*args)
+    fn = value_and_grad(step, loss_fn, **options)
+    (loss, _), grads = (fn if options.get("check_finite") else jax.jit(fn))(*args)  # checked: compiles itself
     (ref_loss, _), ref_grads = jax.jit(reference_value_and_grad(step, loss_fn, **reference_options))(*args)
     rtol = _default_rtol(ref_grads) if rtol is None else rtol
     errors = {"loss": _relative_error(loss, ref_loss)}
     for (keypath, g), ref in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
         errors["grads" + jax.tree_util.keystr(keypath)] = _relative_error(g, ref)
-    worst = max(errors, key=errors.get)
-    if errors[worst] > rtol:
+    # NaN compares false with everything: rank it worst, and fail unless the error is <= rtol.
+    worst = max(errors, key=lambda name: (math.isnan(errors[name]), errors[name]))
+    if not errors[worst] <= rtol:
         raise AssertionError(
             f"jaxbptt gradient {worst} differs from the autodiff oracle: relative error "
             f"{errors[worst]:.3g} > rtol {rtol:.3g} (options {options})."

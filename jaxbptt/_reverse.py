@@ -151,12 +151,23 @@ def forward(kernel: Kernel, params, consts, carry, xs, plan: Plan, *, loss=None,
 
 def _global_norm_per_slot(tree, axis_name=None) -> jax.Array:
     """L2 norm over every leaf and axis but the leading slot axis, accumulated in >= float32; with
-    `axis_name`, also over the shards of a mapped (batch-split) axis."""
-    squares = sum(
-        jnp.sum(jnp.square(a.astype(jnp.promote_types(a.dtype, jnp.float32))), axis=tuple(range(1, a.ndim)))
-        for a in jax.tree.leaves(tree)
-    )
-    return jnp.sqrt(squares if axis_name is None else lax.psum(squares, axis_name))
+    `axis_name`, also over the shards of a mapped (batch-split) axis.
+
+    Scaled by the largest magnitude, so a norm that fits the dtype is finite even when its square
+    overflows (float32 squares overflow above ~1.8e19). A zero norm has a zero (not NaN) derivative,
+    so second derivatives through clipping stay finite where a cotangent is exactly zero.
+    """
+    leaves = [a.astype(jnp.promote_types(a.dtype, jnp.float32)) for a in jax.tree.leaves(tree)]
+    if not leaves:
+        return jnp.zeros((1,), jnp.float32)
+    per_leaf = lambda f: jnp.stack([f(a, axis=tuple(range(1, a.ndim))) for a in leaves])
+    scale = jnp.max(per_leaf(lambda a, axis: jnp.max(jnp.abs(a), axis=axis, initial=0)), axis=0)
+    scale = lax.stop_gradient(scale if axis_name is None else lax.pmax(scale, axis_name))
+    safe = jnp.where(scale > 0, scale, 1)
+    squares = jnp.sum(per_leaf(lambda a, axis: jnp.sum(jnp.square(a / _expand(safe, a)), axis=axis)), axis=0)
+    squares = squares if axis_name is None else lax.psum(squares, axis_name)
+    norm = jnp.where(squares == 0, 0, safe * jnp.sqrt(jnp.where(squares == 0, 1, squares)))  # NaN stays NaN
+    return jnp.where(jnp.isinf(scale), scale, norm)
 
 
 def _expand(mask, leaf):
@@ -287,7 +298,7 @@ def _revolve(bwd: _Backward, plan: Plan, saved, slots, acc):
     (_, unit, full), *tail = plan.groups
     tail_length = tail[0][1] if tail else 0
     ops, first, second = (jnp.asarray(a, jnp.int32) for a in (schedule.ops, schedule.first, schedule.second))
-    record_shape = jax.eval_shape(lambda: bwd.block(slots, acc, 0, unit, carry0)[2:])
+    record_shape = jax.eval_shape(lambda: bwd.block(slots, acc, jnp.zeros((), jnp.int32), unit, carry0)[2:])
     buffers = jax.tree.map(lambda a: jnp.zeros((plan.length,) + a.shape[1:], a.dtype), record_shape)
     snaps = jax.tree.map(lambda c: jnp.zeros((schedule.slots,) + c.shape, c.dtype), carry0)
 

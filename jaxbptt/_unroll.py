@@ -29,6 +29,9 @@ def traced_options(truncation, clip_norm, length):
     truncation = v.static_truncation(truncation)
     trunc = _reverse.truncation_spec(truncation, length)
     k = truncation if trunc.active and v.is_traced(truncation) else None
+    if k is not None:
+        # Any k >= T is exact BPTT; clamping keeps the loop's `t + k` far from integer overflow.
+        k = jnp.minimum(k, length)
     clip = None if clip_norm is None else jnp.asarray(clip_norm)
     return trunc, k, clip
 
