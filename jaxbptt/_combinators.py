@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._combinator_kernels import masked_kernel, resettable_kernel
+from ._kernel import Step
 from ._types import PyTree, StepFn
 
 
@@ -52,6 +54,8 @@ def masked(step: StepFn) -> StepFn:
         carry = jax.tree.map(lambda new, old: jnp.where(_over_rows(m, new), new, old), new_carry, carry)
         return carry, jax.tree.map(lambda a: jnp.where(_over_rows(m, a), a, jnp.zeros((), a.dtype)), y)
 
+    if isinstance(step, Step):
+        return Step(masked_step, lambda params, carry, u: masked_kernel(step.make_kernel(params, carry, u[0]), u[1]))
     return masked_step
 
 
@@ -78,13 +82,18 @@ def resettable(step: StepFn, initial_carry: PyTree) -> StepFn:
       [1.0, 2.0, 1.0, 2.0]
     """
 
+    def fresh(carry):
+        return jax.tree.map(lambda init, c: jnp.broadcast_to(jnp.asarray(init, c.dtype), c.shape), initial_carry, carry)
+
     def resettable_step(params, carry, inputs):
         x, reset = inputs
         _check_flags("reset", reset, carry, "carry")
-        fresh = jax.tree.map(lambda init, c: jnp.broadcast_to(jnp.asarray(init, c.dtype), c.shape), initial_carry, carry)
-        carry = jax.tree.map(lambda f, c: jnp.where(_over_rows(reset, c), f, c), fresh, carry)
+        carry = jax.tree.map(lambda f, c: jnp.where(_over_rows(reset, c), f, c), fresh(carry), carry)
         return step(params, carry, x)
 
+    if isinstance(step, Step):
+        return Step(resettable_step,
+                    lambda params, carry, u: resettable_kernel(step.make_kernel(params, carry, u[0]), fresh, u[1]))
     return resettable_step
 
 
