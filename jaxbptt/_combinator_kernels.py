@@ -128,3 +128,97 @@ def resettable_kernel(inner: Kernel, fresh, flags) -> Kernel:
             return inner.previous_out(carry), jnp.zeros(np.shape(flags), jnp.float32)
 
     return Kernel(prepare, project, forward, backward, grads, post, previous_out)
+
+
+def stacked_kernel(layers: list[Kernel], residual: bool) -> Kernel:
+    """The kernel of `stacked(*steps, residual=...)` from its layers' kernels.
+
+    Per step, layer i's output map and layer i+1's input projection run inside the loop (a layer's
+    input is the step's previous layer's output); `out`, `res` and `local` are tuples of the layers'.
+    In the reverse loop, layer i+1's input cotangent (its `grads` on one step, whose parameter
+    products XLA drops as unused) goes back through that projection and output map into layer i's
+    `out` cotangent. After the loop each layer's `grads` runs on the whole block, and the VJP of
+    the block's projections gives the projection and output-map parameter gradients as large
+    matrix products. A layer's `grads` must form its input cotangents without `carry_start`
+    (every built-in does), since the reverse loop does not have it.
+    """
+    n = len(layers)
+
+    def layer_input(params, outs, i):
+        """Layer i's input (i >= 1) from the earlier layers' `out`s (one step or a block)."""
+        y = layers[0].post(params[0], outs[0])
+        for j in range(1, i):
+            y_j = layers[j].post(params[j], outs[j])
+            y = jax.tree.map(jnp.add, y_j, y) if residual else y_j
+        return y
+
+    def one_step_input(params, outs, i):
+        return _one_step(lambda p, o: layer_input(p, o, i), params, outs)
+
+    def projected(params, outs, i):
+        return layers[i].project(params[i], layer_input(params, outs, i))
+
+    def pack(items, like):
+        return tuple(items) if isinstance(like, tuple) else list(items)
+
+    def prepare(params, carry, u):
+        consts, outs = [], []
+        for i, layer in enumerate(layers):
+            if i:
+                u = _one_step(layer.project, params[i], one_step_input(params, outs, i))
+            consts.append(layer.prepare(params[i], carry[i], u))
+            outs.append(layer.forward(params[i], consts[i], carry[i], u)[1])
+        return tuple(consts)
+
+    def project(params, xs):
+        return layers[0].project(params[0], xs)
+
+    def forward(params, consts, carry, u):
+        new_carry, outs, res = [], [], []
+        for i, layer in enumerate(layers):
+            if i:
+                u = _one_step(layer.project, params[i], one_step_input(params, outs, i))
+            c, o, r = layer.forward(params[i], consts[i], carry[i], u)
+            new_carry.append(c)
+            outs.append(o)
+            res.append(r)
+        return pack(new_carry, carry), tuple(outs), tuple(res)
+
+    def backward(params, consts, out, prev_out, res, ct_carry, ct_out):
+        ct_out, ct_prev, local = list(ct_out), [None] * n, [None] * n
+        for i in reversed(range(n)):
+            layer = layers[i]
+            ct_prev[i], local[i] = layer.backward(params[i], consts[i], out[i], prev_out[i], res[i], ct_carry[i],
+                                                  ct_out[i])
+            if i:
+                u, u_vjp = jax.vjp(lambda o: _one_step(layer.project, params[i], one_step_input(params, o, i)),
+                                   out[:i])
+                block = jax.tree.map(lambda a: a[None], (u, out[i], prev_out[i], res[i], local[i]))
+                _, du = layer.grads(params[i], consts[i], None, *block)
+                (ct_below,) = u_vjp(jax.tree.map(lambda d, a: d[0].astype(a.dtype), du, u))
+                ct_out[:i] = [jax.tree.map(jnp.add, a, b) for a, b in zip(ct_out[:i], ct_below)]
+        return pack(ct_prev, ct_carry), tuple(local)
+
+    def grads(params, consts, carry_start, us, outs, prev_outs, res, locals_):
+        dparams = [None] * n
+        for i, layer in enumerate(layers):
+            us_i = us if i == 0 else projected(params, outs, i)
+            dp, dus_i = layer.grads(params[i], consts[i], carry_start[i], us_i, outs[i], prev_outs[i], res[i],
+                                    locals_[i])
+            dparams[i] = dp if dparams[i] is None else jax.tree.map(jnp.add, dparams[i], dp)
+            if i == 0:
+                dus = dus_i
+                continue
+            _, p_vjp = jax.vjp(lambda p: projected(p, outs, i), params)
+            (dp_chain,) = p_vjp(jax.tree.map(lambda d, a: d.astype(a.dtype), dus_i, us_i))
+            dparams = [g if d is None else d if g is None else jax.tree.map(jnp.add, g, d)
+                       for g, d in zip(dparams, dp_chain)]
+        return pack(dparams, params), dus
+
+    def post(params, outs):
+        return layer_input(params, outs, n)
+
+    def previous_out(carry):
+        return tuple(layer.previous_out(c) for layer, c in zip(layers, carry))
+
+    return Kernel(prepare, project, forward, backward, grads, post, previous_out)

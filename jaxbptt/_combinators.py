@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._combinator_kernels import masked_kernel, resettable_kernel
-from ._kernel import Step
+from ._combinator_kernels import masked_kernel, resettable_kernel, stacked_kernel
+from ._kernel import Kernel, Step, generic_kernel
 from ._types import PyTree, StepFn
 
 
@@ -142,5 +142,19 @@ def stacked(*steps: StepFn, residual: bool = False) -> StepFn:
             x = y
         return (tuple(new_carry) if isinstance(carry, tuple) else new_carry), x
 
+    if all(isinstance(s, Step) for s in steps):
+        return Step(stacked_step, lambda params, carry, x: _stacked_kernel(steps, residual, stacked_step, params, carry, x))
     return stacked_step
+
+
+def _stacked_kernel(steps, residual: bool, stacked_step, params, carry, x) -> Kernel:
+    """The layers' kernels composed, each built for its layer's input; the generic kernel when a
+    layer's `out` is not part of its carry (the reverse loop needs every layer's previous `out`)."""
+    layers = []
+    for s, p, c in zip(steps, params, carry):
+        layers.append(s.make_kernel(p, c, x))
+        _, x = jax.eval_shape(s, p, c, x)
+    if any(layer.previous_out is None for layer in layers):
+        return generic_kernel(stacked_step, params, carry, x)
+    return stacked_kernel(layers, residual)
 
