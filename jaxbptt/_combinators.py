@@ -1,5 +1,6 @@
 """Step combinators: a step in, a step out, so that every gradient option keeps working with no
-special case in the engine (DESIGN section 6)."""
+special case in the engine. Over kernel-backed steps (`jaxbptt.Step`) they return kernel-backed
+steps (see `_combinator_kernels.py`), so a mask or a second layer costs what it adds."""
 
 from __future__ import annotations
 

@@ -165,7 +165,7 @@ def unroll(
     `jax.grad` (or `jax.vjp`) of any function of `(final_carry, ys)` with respect to `params`,
     `carry` or `xs` runs the reverse scan: the carry adjoint goes back step by step, and parameter
     and input gradients are formed afterwards, block by block, as large matrix products. The
-    gradient options change that backward pass only (see DESIGN section 3):
+    gradient options change that backward pass only:
 
     - `truncation=k`: chunked truncated BPTT; the carry entering step t is treated as a constant
       when `t > 0 and t % k == 0`. `k` may be a traced integer (vmap over it).
