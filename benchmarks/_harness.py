@@ -90,7 +90,7 @@ def measure(problem: Problem, builders: dict[str, Callable], *, budget_s: float 
         calls[name], compile_s, memory, grads = _prepare(name, bound)
         kinds[name] = bound.kind
         rows[name] = {
-            "device": device_name(), "dtype": str(problem.xs.dtype), "cell": problem.cell,
+            "device": device_name(), "dtype": str(jax.tree.leaves(problem.xs)[0].dtype), "cell": problem.cell,
             "T": problem.T, "B": problem.B, "D": problem.D, "H": problem.H, "method": name,
             "compile_s": compile_s, "temp_bytes": memory,
             "grad_rel_err": relative_error(grads, bound.oracle()) if bound.oracle is not None else None,

@@ -14,12 +14,15 @@ class Section(NamedTuple):
 
 CORE_SIZES = [(1000, 16, 64, 256), (1000, 1, 32, 64), (200, 64, 128, 512), (100, 32, 64, 128),
               (500, 16, 64, 256), (200, 32, 128, 256)]
-CUSTOM_SIZES = [(500, 16, 64, 128), (1000, 16, 64, 256), (100, 32, 64, 128)]
+CUSTOM_SIZES = [(500, 16, 64, 128), (1000, 16, 64, 256), (100, 32, 64, 128), (60, 32, 16, 32)]
+COMBINATOR_SIZES = [(500, 16, 64, 256), (100, 32, 64, 128)]  # also core sizes: compare with the bare cells
 
 PEER_SIZES = [(1000, 16, 64, 256), (1000, 1, 32, 64)]  # in the peers section, which also runs both methods
 CORE = Section(
     "core", [(cell, *size) for cell in ("elman", "lstm", "gru") for size in CORE_SIZES if size not in PEER_SIZES]
-    + [("custom", *size) for size in CUSTOM_SIZES],
+    + [("custom", *size) for size in CUSTOM_SIZES]
+    + [(f"{kind}-{cell}", *size) for kind in ("masked", "stacked2") for cell in ("elman", "lstm", "gru")
+       for size in COMBINATOR_SIZES],
     ("jax.grad", "jaxbptt"), "jax.grad",
     "exact BPTT: jaxbptt against jax.grad through lax.scan of the same step and loss",
 )

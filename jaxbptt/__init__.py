@@ -27,6 +27,8 @@ from ._online import online_tbptt as online_tbptt
 from ._plot import plot_gradient_flow as plot_gradient_flow
 from ._reference import check_grads as check_grads
 from ._remat import Binomial as Binomial
+from ._remat import Every as Every
+from ._remat import Sqrt as Sqrt
 from ._reference import clip_identity as clip_identity
 from ._reference import reference_unroll as reference_unroll
 from ._reference import reference_value_and_grad as reference_value_and_grad
@@ -46,10 +48,12 @@ __all__ = [
     "Binomial",
     "Cell",
     "Diagnostics",
+    "Every",
     "Kernel",
     "LSTMState",
     "OnlineState",
     "OnlineTBPTT",
+    "Sqrt",
     "Step",
     "bidirectional",
     "check_grads",

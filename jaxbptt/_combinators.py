@@ -1,5 +1,6 @@
 """Step combinators: a step in, a step out, so that every gradient option keeps working with no
-special case in the engine (DESIGN section 6)."""
+special case in the engine. Over kernel-backed steps (`jaxbptt.Step`) they return kernel-backed
+steps (see `_combinator_kernels.py`), so a mask or a second layer costs what it adds."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._combinator_kernels import masked_kernel, resettable_kernel, stacked_kernel
+from ._kernel import Kernel, Step, generic_kernel
 from ._types import PyTree, StepFn
 
 
@@ -68,6 +71,8 @@ def masked(step: StepFn) -> StepFn:
         carry = jax.tree.map(lambda new, old: jnp.where(_over_rows(m, new), new, old), new_carry, carry)
         return carry, jax.tree.map(lambda a: jnp.where(_over_rows(m, a), a, jnp.zeros((), a.dtype)), y)
 
+    if isinstance(step, Step):
+        return Step(masked_step, lambda params, carry, u: masked_kernel(step.make_kernel(params, carry, u[0]), u[1]))
     return masked_step
 
 
@@ -96,13 +101,18 @@ def resettable(step: StepFn, initial_carry: PyTree) -> StepFn:
       [1.0, 2.0, 1.0, 2.0]
     """
 
+    def fresh(carry):
+        return jax.tree.map(lambda init, c: jnp.broadcast_to(jnp.asarray(init, c.dtype), c.shape), initial_carry, carry)
+
     def resettable_step(params, carry, inputs):
         x, reset = inputs
         _check_flags("reset", reset, carry, "carry")
-        fresh = jax.tree.map(lambda init, c: jnp.broadcast_to(jnp.asarray(init, c.dtype), c.shape), initial_carry, carry)
-        carry = jax.tree.map(lambda f, c: jnp.where(_over_rows(reset, c), f, c), fresh, carry)
+        carry = jax.tree.map(lambda f, c: jnp.where(_over_rows(reset, c), f, c), fresh(carry), carry)
         return step(params, carry, x)
 
+    if isinstance(step, Step):
+        return Step(resettable_step,
+                    lambda params, carry, u: resettable_kernel(step.make_kernel(params, carry, u[0]), fresh, u[1]))
     return resettable_step
 
 
@@ -151,5 +161,19 @@ def stacked(*steps: StepFn, residual: bool = False) -> StepFn:
             x = y
         return (tuple(new_carry) if isinstance(carry, tuple) else new_carry), x
 
+    if all(isinstance(s, Step) for s in steps):
+        return Step(stacked_step, lambda params, carry, x: _stacked_kernel(steps, residual, stacked_step, params, carry, x))
     return stacked_step
+
+
+def _stacked_kernel(steps, residual: bool, stacked_step, params, carry, x) -> Kernel:
+    """The layers' kernels composed, each built for its layer's input; the generic kernel when a
+    layer's `out` is not part of its carry (the reverse loop needs every layer's previous `out`)."""
+    layers = []
+    for s, p, c in zip(steps, params, carry):
+        layers.append(s.make_kernel(p, c, x))
+        _, x = jax.eval_shape(s, p, c, x)
+    if any(layer.previous_out is None for layer in layers):
+        return generic_kernel(stacked_step, params, carry, x)
+    return stacked_kernel(layers, residual)
 

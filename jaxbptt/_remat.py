@@ -8,6 +8,7 @@ decides what the forward pass keeps per block:
   temporaries (parameter-gradient operands), so they are sized for matrix-product efficiency.
 - `remat=s` keeps the carry entering every s-th step and recomputes each block of s steps (one extra
   forward pass in total) just before its reverse loop: memory O(T / s + s) carries.
+- `remat=Every(s)` is `remat=s`, `remat=Sqrt()` is `remat="sqrt"`.
 - `remat="sqrt"` is `remat=ceil(sqrt(T))`, the O(sqrt(T)) memory of Chen et al. (2016).
 - `remat=Binomial(slots)` keeps at most `slots` carries and reverses with Griewank's binomial
   schedule (revolve; Griewank 1992, Griewank & Walther 2000), the fewest recomputed steps for that
@@ -39,6 +40,34 @@ class Binomial(NamedTuple):
 
     slots: int
     block: Optional[int] = None
+
+
+class Every(NamedTuple):
+    """`remat=Every(steps)`: keep the carry entering every `steps`-th step and recompute each block
+    of `steps` steps before reversing it (the same as `remat=steps`).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbptt as jb
+      >>> cell = jb.elman(4)
+      >>> params, xs = cell.init(jax.random.key(0), 2), jnp.ones((12, 2), jnp.float32)
+      >>> grad = lambda remat: jax.grad(lambda p: jnp.sum(jb.unroll(cell.step, p, cell.initial_carry(), xs,
+      ...                                                          remat=remat)[1]))(params)["W_hh"]
+      >>> bool(jnp.allclose(grad(jb.Every(4)), grad(None), rtol=1e-5)), bool(jnp.allclose(grad(jb.Sqrt()), grad(None), rtol=1e-5))
+      (True, True)
+    """
+
+    steps: int
+
+
+class Sqrt(NamedTuple):
+    """`remat=Sqrt()`: `Every(ceil(sqrt(T)))`, O(sqrt(T)) carries kept (the same as `remat="sqrt"`)."""
+
+
+def _canonical(remat):
+    """The int / "sqrt" spelling of a policy value (the engine's own)."""
+    if isinstance(remat, Every):
+        return remat.steps
+    return "sqrt" if isinstance(remat, Sqrt) else remat
 
 
 class Schedule(NamedTuple):
@@ -82,6 +111,7 @@ def _groups(length: int, block: int) -> tuple[tuple[int, int, int], ...]:
 
 
 def validate_remat(remat) -> None:
+    remat = _canonical(remat)
     if remat is None or (isinstance(remat, str) and remat == "sqrt"):
         return
     if isinstance(remat, Binomial):
@@ -102,6 +132,7 @@ def validate_remat(remat) -> None:
 def make_plan(length: int, remat, rows_per_step: int) -> Plan:
     """The schedule for a sequence of `length` steps whose carry has `rows_per_step` batch rows."""
     validate_remat(remat)
+    remat = _canonical(remat)
     block = min(math.ceil(_TARGET_ROWS / max(rows_per_step, 1)), math.ceil(length / _MIN_BLOCKS))
     block = _even_block(length, max(block, 1))
     if remat is None:

@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.interpreters import partial_eval as pe
 
 from . import _reverse
 from . import _validate as v
-from ._kernel import as_engine_cotangent, is_float
+from ._kernel import Step, as_engine_cotangent, is_float
 from ._remat import make_plan, validate_remat
 from ._types import Carry, Params, PyTree, StepFn
 
@@ -89,6 +90,23 @@ def _check_probe(probe, length: int) -> None:
         )
 
 
+def hoist_closure(step, params, carry, x):
+    """`(step, params)`, with the values `step` closes over that may carry a derivative moved into
+    its parameters as `(params, hoisted)`, or unchanged when there are none.
+
+    A custom VJP cannot differentiate with respect to values its function closes over, where
+    `lax.scan` can (a hyperparameter, `resettable`'s initial carry, meta-learning); as explicit
+    parameters they get their gradients from the engine like any other parameter. A kernel-backed
+    `Step` keeps its kernel unless a closed-over value is being differentiated right now (under
+    `jit` alone that cannot be known, and `jax.grad` outside the `jit` then raises JAX's error
+    about closed-over values).
+    """
+    fn, hoisted = jax.closure_convert(lambda p, c, x_: step(p, c, x_), params, carry, x)
+    if not hoisted or (isinstance(step, Step) and all(isinstance(h, pe.DynamicJaxprTracer) for h in hoisted)):
+        return step, params
+    return (lambda ph, c, x_: fn(ph[0], c, x_, *ph[1])), (params, list(hoisted))
+
+
 def _differentiable_unroll(step, trunc, plan, unroll):
     @jax.custom_vjp
     def run(params, carry, xs, k, clip, probe):
@@ -150,7 +168,7 @@ def unroll(
     `jax.grad` (or `jax.vjp`) of any function of `(final_carry, ys)` with respect to `params`,
     `carry` or `xs` runs the reverse scan: the carry adjoint goes back step by step, and parameter
     and input gradients are formed afterwards, block by block, as large matrix products. The
-    gradient options change that backward pass only (see DESIGN section 3):
+    gradient options change that backward pass only:
 
     - `truncation=k`: chunked truncated BPTT; the carry entering step t is treated as a constant
       when `t > 0 and t % k == 0`. `k` may be a traced integer (vmap over it).
@@ -160,6 +178,9 @@ def unroll(
       norm at most c before it flows further back.
     - `remat`: None keeps every step's residuals; an int s keeps every s-th carry and recomputes;
       `"sqrt"` uses s = ceil(sqrt(T)).
+
+    `step` may close over traced values (a hyperparameter, a learned initial carry): `jax.grad`
+    with respect to them works as through `lax.scan`.
 
     Forward mode (`jax.jvp`, `jax.jacfwd`) is not supported through this custom VJP; for it, use
     the plain `lax.scan` oracle (`jaxbptt.reference_unroll`).
@@ -212,5 +233,6 @@ def unroll(
         xs, probe = flip(xs), flip(probe)
     trunc, k, clip = traced_options(truncation, clip_norm, length)
     plan = make_plan(length, remat, _reverse.rows_per_step(carry))
+    step, params = hoist_closure(step, params, carry, jax.tree.map(lambda a: a[0], xs))
     final, ys = _differentiable_unroll(step, trunc, plan, unroll)(params, carry, xs, k, clip, probe)
     return final, (flip(ys) if reverse else ys)

@@ -66,3 +66,65 @@ def test_rejected_steps_still_get_exact_gradients():
     _, g = jax.jit(jb.value_and_grad(coupled, loss))(*args)
     _, ref = jax.value_and_grad(scan_loss(coupled, loss), has_aux=True)(*args)
     assert jax.tree.all(jax.tree.map(lambda a, b: jnp.allclose(a, b, rtol=1e-10), g, ref))
+
+
+@jax.custom_vjp
+def _batch_scaled_identity(z):
+    return z
+
+
+_batch_scaled_identity.defvjp(lambda z: (z, z.shape[0]), lambda n, g: (g / n,))  # backward mixes the batch
+
+
+@jax.custom_jvp
+def _batch_centred_identity(z):
+    return z
+
+
+@_batch_centred_identity.defjvp
+def _batch_centred_jvp(primals, tangents):
+    return primals[0], tangents[0] - jnp.mean(tangents[0], axis=0, keepdims=True)
+
+
+@jax.custom_jvp
+def _rowwise_softsign(z):
+    return z / (1 + jnp.abs(z))
+
+
+@_rowwise_softsign.defjvp
+def _rowwise_softsign_jvp(primals, tangents):
+    (z,), (dz,) = primals, tangents
+    return _rowwise_softsign(z), dz / (1 + jnp.abs(z)) ** 2
+
+
+def _elman_with(rule):
+    def step(p, h, x):
+        h = jnp.tanh(rule(x @ p["W"] + h @ p["U"]))
+        return h, h
+
+    return step
+
+
+ROW_MIXING_RULES = {"custom_vjp": _batch_scaled_identity, "custom_jvp": _batch_centred_identity}
+
+
+@pytest.mark.parametrize("rule", ROW_MIXING_RULES.values(), ids=ROW_MIXING_RULES.keys())
+def test_custom_rules_that_mix_rows_are_not_folded(rule):
+    """The primal of each rule is row-wise (an identity), its derivative is not: no folding, and
+    the gradients of every entry point equal autodiff through lax.scan."""
+    step = _elman_with(rule)
+    assert is_rowwise(_elman_with(lambda z: z), ELMAN_PARAMS, *_specs((4,), (3,)))
+    assert not is_rowwise(step, ELMAN_PARAMS, *_specs((4,), (3,)))
+    params = {"W": 0.5 * jax.random.normal(jax.random.key(0), (3, 4)), "U": 0.4 * jax.random.normal(jax.random.key(1), (4, 4))}
+    args = (params, jnp.ones((2, 4)), jax.random.normal(jax.random.key(2), (10, 2, 3)), jnp.zeros((10, 2, 4)))
+    loss = lambda y, t: jnp.sum((y - t) ** 2)
+    _, ref = jax.value_and_grad(scan_loss(step, loss), has_aux=True)(*args)
+    _, g = jax.jit(jb.value_and_grad(step, loss))(*args)
+    chex_close = lambda a, b: jax.tree.all(jax.tree.map(lambda x, y: jnp.allclose(x, y, rtol=1e-10, atol=1e-12), a, b))
+    assert chex_close(g, ref)
+    unrolled = lambda p: jnp.sum((jb.unroll(step, p, args[1], args[2], remat=5)[1] - args[3]) ** 2)
+    assert chex_close(jax.grad(unrolled)(params), ref)
+
+
+def test_custom_jvp_rule_that_is_rowwise_is_folded():
+    assert is_rowwise(_elman_with(_rowwise_softsign), ELMAN_PARAMS, *_specs((4,), (3,)))

@@ -95,3 +95,12 @@ def test_binomial_keeps_at_most_its_slots():
 def test_bad_binomial(remat, message):
     with pytest.raises(ValueError, match=message):
         jb.value_and_grad(jb.elman(2).step, lambda y, t: jnp.sum(y), remat=remat)
+
+
+def test_policy_values_equal_their_spellings():
+    from jaxbptt._remat import make_plan
+
+    assert make_plan(100, jb.Every(7), 4) == make_plan(100, 7, 4)
+    assert make_plan(100, jb.Sqrt(), 4) == make_plan(100, "sqrt", 4)
+    with pytest.raises(ValueError, match="remat must be a positive int"):
+        make_plan(100, jb.Every(0), 4)
