@@ -192,20 +192,35 @@ def make_tracker(step, loss_fn, method, params, carry, *, max_influence_bytes) -
     return Tracker(uoro_init, uoro_advance, unravel_params, unravel_carry)
 
 
+def _generic(tree, seed):
+    """`tree` plus deterministic, generic (never structurally zero) values in [-1, 1] on its float
+    leaves: cosines of an irrational stride, cheaper to compile than a random number generator."""
+    leaves, structure = jax.tree.flatten(tree)
+    out = []
+    for i, leaf in enumerate(leaves):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            phase = jnp.arange(leaf.size, dtype=leaf.dtype).reshape(leaf.shape) * 0.6180339887 + (seed * 7.31 + i * 1.37)
+            leaf = leaf + jnp.cos(phase * 2.7182818)
+        out.append(leaf)
+    return jax.tree.unflatten(structure, out)
+
+
 def _pattern(propagate, method: SnAp, theta, c, x, target):
     """SnAp's mask: entries of the exact influence that are non-zero after n steps from zero, at
-    random points (the values are generic, so a zero there is a structural zero)."""
+    `draws` generic points (params, carry and float inputs perturbed; a zero there is a structural
+    zero, up to piecewise-linear steps such as ReLU, which the several draws cover)."""
     mask = jnp.zeros((theta.size, c.size), bool)
-    for key in jax.random.split(jax.random.key(0), method.draws):
-        keys = jax.random.split(key, 2 + method.n)
-        theta_r = theta + jax.random.normal(keys[0], theta.shape, theta.dtype)
-        c_r = jax.random.normal(keys[1], c.shape, c.dtype)
-        influence = jnp.zeros_like(mask, c.dtype)
-        for k in keys[2:]:
-            leaves, tree = jax.tree.flatten(x)
-            noisy = [leaf + jax.random.normal(k, leaf.shape, leaf.dtype) if jnp.issubdtype(leaf.dtype, jnp.floating)
-                     else leaf for leaf in leaves]
-            influence, c_r, _, _ = propagate(theta_r, influence, c_r, jax.tree.unflatten(tree, noisy), target)
+    for d in range(method.draws):
+        theta_r = _generic(theta, 3 * d)
+
+        def one_step(state, seed):
+            influence, c_r = state
+            influence, c_r, _, _ = propagate(theta_r, influence, c_r, _generic(x, seed), target)
+            return (influence, c_r), None
+
+        start = (jnp.zeros_like(mask, c.dtype), _generic(jnp.zeros_like(c), 3 * d + 1))
+        seeds = jnp.arange(method.n, dtype=c.dtype) + 3 * d + 2
+        (influence, _), _ = lax.scan(one_step, start, seeds)
         mask = mask | (influence != 0)
     return mask
 
