@@ -156,7 +156,8 @@ def make_tracker(step, loss_fn, method, params, carry, *, max_influence_bytes) -
             eye = jnp.eye(n_params, dtype=theta.dtype)
             # row p: the tangent of (carry, loss) along theta_p, with the carry's tangent J_{t-1}[p]
             new_influence, grad = jax.vmap(lin)(eye, influence)
-            return new_influence, new, loss, grad
+            # inputs of a wider dtype than params or carry must not widen the recursion's state
+            return new_influence.astype(influence.dtype), new, loss, grad.astype(theta.dtype)
 
         def rtrl_advance(theta, trace, c, x, target, key):
             influence, mask = trace
@@ -181,13 +182,14 @@ def make_tracker(step, loss_fn, method, params, carry, *, max_influence_bytes) -
         eps = method.eps
         (new, loss), vjp = jax.vjp(step_and_loss(x, target), theta, c)
         g_theta, g_c = vjp((jnp.zeros_like(new), jnp.ones_like(loss)))
-        grad = g_theta + jnp.vdot(g_c, s) * th
+        grad = (g_theta + jnp.vdot(g_c, s) * th).astype(theta.dtype)
         _, s_new = jax.jvp(lambda cc: flat_step(theta, cc, x)[0], (c,), (s,))
         nu = jax.random.rademacher(key, c.shape, c.dtype)
         d_theta = vjp((nu, jnp.zeros_like(loss)))[0]
         rho0 = jnp.sqrt(jnp.linalg.norm(th) / (jnp.linalg.norm(s_new) + eps)) + eps
         rho1 = jnp.sqrt(jnp.linalg.norm(d_theta) / (jnp.linalg.norm(nu) + eps)) + eps
-        return (rho0 * s_new + rho1 * nu, th / rho0 + d_theta / rho1), new, loss, grad
+        trace = ((rho0 * s_new + rho1 * nu).astype(s.dtype), (th / rho0 + d_theta / rho1).astype(th.dtype))
+        return trace, new, loss, grad
 
     return Tracker(uoro_init, uoro_advance, unravel_params, unravel_carry)
 

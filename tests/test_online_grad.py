@@ -21,6 +21,10 @@ def flat(tree):
     return ravel_pytree(tree)[0]
 
 
+def online(step, loss_fn, method):
+    return jax.jit(jb.online_grad(step, loss_fn, method))
+
+
 def cosine(a, b):
     a, b = flat(a), flat(b)
     return float(a @ b / jnp.linalg.norm(a) / jnp.linalg.norm(b))
@@ -61,7 +65,7 @@ def test_snap1_equals_rtrl_for_diagonal_carry_jacobian():
               "V": jax.random.normal(k[2], (4, 2))}
     xs, targets = jax.random.normal(k[3], (T, 2, 3)), jax.random.normal(k[4], (T, 2, 2))
     carry = jnp.zeros((2, 4))
-    (_, _), snap = jb.online_grad(_diagonal_step, mse, jb.SnAp(1))(params, carry, xs, targets)
+    (_, _), snap = online(_diagonal_step, mse, jb.SnAp(1))(params, carry, xs, targets)
     (_, _), ref = exact(_diagonal_step, mse, params, carry, xs, targets)
     np.testing.assert_allclose(flat(snap), flat(ref), rtol=1e-9, atol=1e-12)
 
@@ -69,16 +73,15 @@ def test_snap1_equals_rtrl_for_diagonal_carry_jacobian():
 def test_snap_improves_with_n_on_a_dense_elman():
     step, loss_fn, params, carry, xs, targets = problem("elman", T, B=2, D=3, H=4)
     ref = exact(step, loss_fn, params, carry, xs, targets)[1]
-    cos = [cosine(jb.online_grad(step, loss_fn, jb.SnAp(n))(params, carry, xs, targets)[1], ref) for n in (1, 2, 3)]
+    cos = [cosine(online(step, loss_fn, jb.SnAp(n))(params, carry, xs, targets)[1], ref) for n in (1, 2)]
     # a dense recurrent matrix couples every unit to every other in two steps: SnAp-2 is RTRL
     assert cos[0] < 0.9999
-    assert cos[0] < cos[1] <= cos[2] + 1e-12
-    np.testing.assert_allclose(cos[1:], 1.0, rtol=1e-12)
+    np.testing.assert_allclose(cos[1], 1.0, rtol=1e-12)
 
 
 def test_snap_pattern_is_found_from_the_step():
     """A banded recurrence (unit i reads units i-1, i, i+1): the pattern widens by one band per step."""
-    H = 6
+    H = 5
     band = jnp.abs(jnp.arange(H)[:, None] - jnp.arange(H)[None]) <= 1
 
     def banded(p, h, x):
@@ -89,9 +92,10 @@ def test_snap_pattern_is_found_from_the_step():
     params = {"U": jax.random.normal(k[0], (H, H)) / 2, "W": jax.random.normal(k[1], (2, H)), "V": jax.random.normal(k[2], (H, 1))}
     xs, targets, carry = jax.random.normal(k[3], (T, 1, 2)), jax.random.normal(k[4], (T, 1, 1)), jnp.zeros((1, H))
     ref = exact(banded, mse, params, carry, xs, targets)[1]
-    cos = [cosine(jb.online_grad(banded, mse, jb.SnAp(n))(params, carry, xs, targets)[1], ref) for n in (1, 2, 3, 6)]
-    assert cos[0] < cos[1] < cos[2] < 1 - 1e-9
-    np.testing.assert_allclose(cos[3], 1.0, rtol=1e-12)
+    cos = [cosine(online(banded, mse, jb.SnAp(n))(params, carry, xs, targets)[1], ref) for n in (1, 2, 5)]
+    # unit i reaches unit i +- (n - 1) in n steps: with H = 5, SnAp-5 keeps every entry
+    assert cos[0] < cos[1] < 1 - 1e-9
+    np.testing.assert_allclose(cos[2], 1.0, rtol=1e-12)
 
 
 def test_uoro_mean_over_keys_is_exact_bptt():
@@ -105,20 +109,20 @@ def test_uoro_mean_over_keys_is_exact_bptt():
     # every coordinate within 5 standard errors (a 1e-6 chance per coordinate of failing by chance)
     np.testing.assert_array_less(jnp.abs(mean - ref), 5 * stderr + 1e-12)
     # and the bound is tight enough to reject a wrong estimator: the immediate gradient alone
-    immediate = flat(jb.online_grad(step, loss_fn, jb.TBPTT(1, 1))(params, carry, xs, targets)[1])
+    immediate = flat(online(step, loss_fn, jb.TBPTT(1, 1))(params, carry, xs, targets)[1])
     assert bool(jnp.any(jnp.abs(immediate - ref) > 5 * stderr))
 
 
 def test_tbptt_method_is_value_and_grad_truncation():
     step, loss_fn, params, carry, xs, targets = problem("gru", T, B=2, D=3, H=3)
-    (_, _), got = jb.online_grad(step, loss_fn, jb.TBPTT(2, 4))(params, carry, xs, targets)
+    (_, _), got = online(step, loss_fn, jb.TBPTT(2, 4))(params, carry, xs, targets)
     (_, _), ref = jb.value_and_grad(step, loss_fn, truncation=(2, 4))(params, carry, xs, targets)
     np.testing.assert_allclose(flat(got), flat(ref), rtol=1e-12)
 
 
 def test_float32_rtrl():
     step, loss_fn, params, carry, xs, targets = problem("lstm", T, B=2, D=3, H=3, dtype=jnp.float32)
-    (_, _), grads = jb.online_grad(step, loss_fn, jb.RTRL())(params, carry, xs, targets)
+    (_, _), grads = online(step, loss_fn, jb.RTRL())(params, carry, xs, targets)
     assert flat(grads).dtype == jnp.float32
     np.testing.assert_allclose(flat(grads), flat(exact(step, loss_fn, params, carry, xs, targets)[1]), rtol=1e-4, atol=1e-6)
 
