@@ -36,8 +36,9 @@ class SnAp(NamedTuple):
     steps of the recursion from zero influence, `J_t = M_n * (D_t J_{t-1} + I_t)`.
 
     The pattern `M_n` is found from the step itself: the exact influence after n steps from zero,
-    evaluated at `draws` random points (params, carry and float inputs perturbed by standard normal
-    noise) and OR'ed, so piecewise-linear steps (ReLU) do not lose entries by chance. SnAp(1) keeps
+    evaluated at `draws` generic points (small deterministic pseudo-random params, carries and float
+    inputs, so nothing saturates) and OR'ed, so piecewise-linear steps (ReLU) do not lose entries
+    by chance. Integer inputs keep the sequence's first input. SnAp(1) keeps
     the pattern of the immediate Jacobian `I_t`; it equals RTRL when the carry Jacobian is
     diagonal. This implementation masks a dense influence: it shows SnAp's gradient, not its
     savings (a sparse SnAp-1 costs O(H^2) per step for a dense Elman layer).
@@ -195,22 +196,24 @@ def make_tracker(step, loss_fn, method, params, carry, *, max_influence_bytes) -
 
 
 def _generic(tree, seed):
-    """`tree` plus deterministic, generic (never structurally zero) values in [-1, 1] on its float
-    leaves: cosines of an irrational stride, cheaper to compile than a random number generator."""
+    """Deterministic generic values in [-0.1, 0.1] shaped like `tree`'s float leaves (cosines of an
+    irrational stride, cheaper to compile than a random number generator). Small, so that no
+    activation saturates: a saturated tanh has an exactly zero derivative in float32, which would
+    read as a structural zero."""
     leaves, structure = jax.tree.flatten(tree)
     out = []
     for i, leaf in enumerate(leaves):
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             phase = jnp.arange(leaf.size, dtype=leaf.dtype).reshape(leaf.shape) * 0.6180339887 + (seed * 7.31 + i * 1.37)
-            leaf = leaf + jnp.cos(phase * 2.7182818)
+            leaf = 0.1 * jnp.cos(phase * 2.7182818)
         out.append(leaf)
     return jax.tree.unflatten(structure, out)
 
 
 def _pattern(propagate, method: SnAp, theta, c, x, target):
     """SnAp's mask: entries of the exact influence that are non-zero after n steps from zero, at
-    `draws` generic points (params, carry and float inputs perturbed; a zero there is a structural
-    zero, up to piecewise-linear steps such as ReLU, which the several draws cover)."""
+    `draws` generic points (params, carry and float inputs replaced by generic values; a zero there
+    is a structural zero, up to piecewise-linear steps such as ReLU, which the several draws cover)."""
     mask = jnp.zeros((theta.size, c.size), bool)
     for d in range(method.draws):
         theta_r = _generic(theta, 3 * d)
