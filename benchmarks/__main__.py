@@ -183,11 +183,17 @@ def main(argv=None):
                                    "best_unroll": best})
     bar.close()
     _print_exact_bptt_summary(report)
-    if args.suite in ("default", "memory") and not (args.cell or args.size or args.method):
+    if args.suite in ("default", "memory", "online") and not (args.cell or args.size or args.method):
         from ._online import online_memory, print_online
 
         report["online"] = online_memory()
         print_online(report["online"])
+    if args.suite == "online":
+        from ._online_methods import online_methods, print_online_methods
+        from ._suites import ONLINE_METHOD_CONFIGS, ONLINE_METHOD_TINY
+
+        report["online_methods"] = online_methods(ONLINE_METHOD_TINY if getattr(args, "smoke", False) else ONLINE_METHOD_CONFIGS)
+        print_online_methods(report["online_methods"])
     if args.suite == "default" and not (args.cell or args.size or args.method):
         from ._sweep import print_sweep, sweep_timing
 
