@@ -100,7 +100,7 @@ def _time_ms(f, *args, repeats: int = 3) -> float:
 
 
 QUALITY_METHODS = {"exact BPTT": None, "RTRL": jb.RTRL(), "SnAp-1": jb.SnAp(1), "SnAp-2": jb.SnAp(2),
-                   "UORO": jb.UORO(), "TBPTT(5)": jb.TBPTT(5, 5)}
+                   "UORO": jb.UORO(), "UORO x100": jb.UORO(), "TBPTT(5)": jb.TBPTT(5, 5)}
 
 
 def gradient_quality(cells=("elman", "gru"), T: int = 50, B: int = 4, D: int = 4, H: int = 16,
@@ -116,6 +116,10 @@ def gradient_quality(cells=("elman", "gru"), T: int = 50, B: int = 4, D: int = 4
         for name, method in methods.items():
             if method is None:
                 f = jax.jit(lambda p, c, x, t, k: exact_fn(p, c, x, t))
+            elif name == "UORO x100":  # the mean of 100 keys' estimates: UORO is unbiased
+                one = jb.online_grad(step, _mse, method)
+                f = jax.jit(lambda p, c, x, t, k: jax.tree.map(lambda a: a.mean(0), jax.vmap(
+                    lambda kk: one(p, c, x, t, kk))(jax.random.split(k, 100))))
             else:
                 f = jax.jit(jb.online_grad(step, _mse, method))
             key = jax.random.key(1)
