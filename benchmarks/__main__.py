@@ -169,8 +169,15 @@ def _sweep(smoke: bool):
     return sweep_timing(**(SMOKE if smoke else {})), print_sweep
 
 
+def _online_methods(smoke: bool):
+    from ._online_methods import online_methods, print_online_methods
+    from ._suites import ONLINE_METHOD_CONFIGS, ONLINE_METHOD_TINY
+
+    return online_methods(ONLINE_METHOD_TINY if smoke else ONLINE_METHOD_CONFIGS), print_online_methods
+
+
 # The extra measurements a suite may name in `SUITE_EXTRAS`: name -> run(smoke) -> (result, printer).
-EXTRAS = {"online": _online, "sweep": _sweep}
+EXTRAS = {"online": _online, "sweep": _sweep, "online_methods": _online_methods}
 
 
 def main(argv=None):

@@ -23,6 +23,14 @@ from ._kernel import Step as Step
 from ._online import OnlineState as OnlineState
 from ._parallel import data_parallel as data_parallel
 from ._online import OnlineTBPTT as OnlineTBPTT
+from ._online_grad import RTRL as RTRL
+from ._online_grad import SnAp as SnAp
+from ._online_grad import TBPTT as TBPTT
+from ._online_grad import UORO as UORO
+from ._online_grad import online_grad as online_grad
+from ._online_train import Online as Online
+from ._online_train import OnlineGradState as OnlineGradState
+from ._online_train import online as online
 from ._online import online_tbptt as online_tbptt
 from ._plot import plot_gradient_flow as plot_gradient_flow
 from ._reference import check_grads as check_grads
@@ -51,10 +59,16 @@ __all__ = [
     "Every",
     "Kernel",
     "LSTMState",
+    "Online",
+    "OnlineGradState",
     "OnlineState",
     "OnlineTBPTT",
+    "RTRL",
+    "SnAp",
     "Sqrt",
     "Step",
+    "TBPTT",
+    "UORO",
     "bidirectional",
     "check_grads",
     "clip_identity",
@@ -66,6 +80,8 @@ __all__ = [
     "lstm",
     "make_train_step",
     "masked",
+    "online",
+    "online_grad",
     "online_tbptt",
     "plot_gradient_flow",
     "reference_unroll",

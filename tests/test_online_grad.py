@@ -1,0 +1,228 @@
+"""online_grad (RTRL, SnAp, UORO, TBPTT) against jax.grad of lax.scan; online training with them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import jaxbptt as jb
+from steps import mse, problem, scan_loss
+
+T = 8
+
+
+def exact(step, loss_fn, params, carry, xs, targets):
+    return jax.value_and_grad(scan_loss(step, loss_fn), has_aux=True)(params, carry, xs, targets)
+
+
+def flat(tree):
+    return ravel_pytree(tree)[0]
+
+
+def online(step, loss_fn, method):
+    return jax.jit(jb.online_grad(step, loss_fn, method))
+
+
+def cosine(a, b):
+    a, b = flat(a), flat(b)
+    return float(a @ b / jnp.linalg.norm(a) / jnp.linalg.norm(b))
+
+
+@pytest.mark.parametrize("name", ["two_layer", "tuple", "elman", "lstm", "gru"])
+def test_rtrl_equals_exact_bptt(name):
+    step, loss_fn, params, carry, xs, targets = problem(name, T, B=2, D=3, H=3)
+    (loss, final), grads = jax.jit(jb.online_grad(step, loss_fn, jb.RTRL()))(params, carry, xs, targets)
+    (loss_ref, final_ref), grads_ref = exact(step, loss_fn, params, carry, xs, targets)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-12)
+    np.testing.assert_allclose(flat(final), flat(final_ref), rtol=1e-12)
+    np.testing.assert_allclose(flat(grads), flat(grads_ref), rtol=1e-9, atol=1e-12)
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+
+
+def test_rtrl_without_jit_and_under_vmap():
+    step, loss_fn, params, carry, xs, targets = problem("elman", T, B=2, D=3, H=3)
+    f = jb.online_grad(step, loss_fn, jb.RTRL())
+    (_, _), grads = f(params, carry, xs, targets)
+    np.testing.assert_allclose(flat(grads), flat(exact(step, loss_fn, params, carry, xs, targets)[1]), rtol=1e-9)
+    scales = jnp.array([0.5, 2.0])
+    batched = jax.vmap(lambda s: f(params, carry, s * xs, targets)[1])(scales)
+    for i, s in enumerate(scales):
+        ref = exact(step, loss_fn, params, carry, s * xs, targets)[1]
+        np.testing.assert_allclose(flat(jax.tree.map(lambda g: g[i], batched)), flat(ref), rtol=1e-9, atol=1e-12)
+
+
+def _diagonal_step(p, h, x):
+    """An element-wise recurrence: its carry Jacobian is diagonal."""
+    h = jnp.tanh(h * p["a"][None] + x @ p["W"] + p["b"][None])
+    return h, h @ p["V"]
+
+
+def test_snap1_equals_rtrl_for_diagonal_carry_jacobian():
+    k = jax.random.split(jax.random.key(0), 5)
+    params = {"a": jax.random.normal(k[0], (4,)), "W": jax.random.normal(k[1], (3, 4)), "b": jnp.zeros(4),
+              "V": jax.random.normal(k[2], (4, 2))}
+    xs, targets = jax.random.normal(k[3], (T, 2, 3)), jax.random.normal(k[4], (T, 2, 2))
+    carry = jnp.zeros((2, 4))
+    (_, _), snap = online(_diagonal_step, mse, jb.SnAp(1))(params, carry, xs, targets)
+    (_, _), ref = exact(_diagonal_step, mse, params, carry, xs, targets)
+    np.testing.assert_allclose(flat(snap), flat(ref), rtol=1e-9, atol=1e-12)
+
+
+def test_snap_improves_with_n_on_a_dense_elman():
+    step, loss_fn, params, carry, xs, targets = problem("elman", T, B=2, D=3, H=4)
+    ref = exact(step, loss_fn, params, carry, xs, targets)[1]
+    cos = [cosine(online(step, loss_fn, jb.SnAp(n))(params, carry, xs, targets)[1], ref) for n in (1, 2)]
+    # a dense recurrent matrix couples every unit to every other in two steps: SnAp-2 is RTRL
+    assert cos[0] < 0.9999
+    np.testing.assert_allclose(cos[1], 1.0, rtol=1e-12)
+
+
+def test_snap_pattern_is_found_from_the_step():
+    """A banded recurrence (unit i reads units i-1, i, i+1): the pattern widens by one band per step."""
+    H = 5
+    band = jnp.abs(jnp.arange(H)[:, None] - jnp.arange(H)[None]) <= 1
+
+    def banded(p, h, x):
+        h = jnp.tanh(h @ (p["U"] * band) + x @ p["W"])
+        return h, h @ p["V"]
+
+    k = jax.random.split(jax.random.key(1), 5)
+    params = {"U": jax.random.normal(k[0], (H, H)) / 2, "W": jax.random.normal(k[1], (2, H)), "V": jax.random.normal(k[2], (H, 1))}
+    xs, targets, carry = jax.random.normal(k[3], (T, 1, 2)), jax.random.normal(k[4], (T, 1, 1)), jnp.zeros((1, H))
+    ref = exact(banded, mse, params, carry, xs, targets)[1]
+    cos = [cosine(online(banded, mse, jb.SnAp(n))(params, carry, xs, targets)[1], ref) for n in (1, 2, 5)]
+    # unit i reaches unit i +- (n - 1) in n steps: with H = 5, SnAp-5 keeps every entry
+    assert cos[0] < cos[1] < 1 - 1e-9
+    np.testing.assert_allclose(cos[2], 1.0, rtol=1e-12)
+
+
+def test_uoro_mean_over_keys_is_exact_bptt():
+    step, loss_fn, params, carry, xs, targets = problem("elman", 6, B=2, D=2, H=3)
+    ref = flat(exact(step, loss_fn, params, carry, xs, targets)[1])
+    f = jb.online_grad(step, loss_fn, jb.UORO())
+    n = 4000
+    samples = jax.jit(jax.vmap(lambda k: flat(f(params, carry, xs, targets, key=k)[1])))(jax.random.split(jax.random.key(0), n))
+    mean, stderr = samples.mean(0), samples.std(0) / np.sqrt(n)
+    assert float(jnp.max(stderr)) > 0  # a random estimate, not the exact gradient itself
+    # every coordinate within 5 standard errors (a 1e-6 chance per coordinate of failing by chance)
+    np.testing.assert_array_less(jnp.abs(mean - ref), 5 * stderr + 1e-12)
+    # and the bound is tight enough to reject a wrong estimator: the immediate gradient alone
+    immediate = flat(online(step, loss_fn, jb.TBPTT(1, 1))(params, carry, xs, targets)[1])
+    assert bool(jnp.any(jnp.abs(immediate - ref) > 5 * stderr))
+
+
+def test_tbptt_method_is_value_and_grad_truncation():
+    step, loss_fn, params, carry, xs, targets = problem("gru", T, B=2, D=3, H=3)
+    (_, _), got = online(step, loss_fn, jb.TBPTT(2, 4))(params, carry, xs, targets)
+    (_, _), ref = jb.value_and_grad(step, loss_fn, truncation=(2, 4))(params, carry, xs, targets)
+    np.testing.assert_allclose(flat(got), flat(ref), rtol=1e-12)
+
+
+def test_float32_rtrl():
+    step, loss_fn, params, carry, xs, targets = problem("lstm", T, B=2, D=3, H=3, dtype=jnp.float32)
+    (_, _), grads = online(step, loss_fn, jb.RTRL())(params, carry, xs, targets)
+    assert flat(grads).dtype == jnp.float32
+    np.testing.assert_allclose(flat(grads), flat(exact(step, loss_fn, params, carry, xs, targets)[1]), rtol=1e-4, atol=1e-6)
+
+
+# ---- online training ------------------------------------------------------------------------------
+
+
+def test_online_rtrl_one_update_is_one_exact_sgd_step():
+    step, loss_fn, params, carry, xs, targets = problem("two_layer", T, B=2, D=3, H=3)
+    trainer = jb.online(step, loss_fn, optax.sgd(0.1), jb.RTRL(), update_every=T)
+    state, losses = jax.jit(trainer.update)(trainer.init(params, carry), xs, targets)
+    (loss_ref, _), grads = exact(step, loss_fn, params, carry, xs, targets)
+    np.testing.assert_allclose(losses, [loss_ref], rtol=1e-12)
+    np.testing.assert_allclose(flat(state.params), flat(params) - 0.1 * flat(grads), rtol=1e-10)
+
+
+def test_online_two_halves_equal_the_whole():
+    method = jb.UORO()  # the path of every method, with the key folded by the step count
+    step, loss_fn, params, carry, xs, targets = problem("elman", T, B=2, D=3, H=3)
+    trainer = jb.online(step, loss_fn, optax.adam(0.01), method, update_every=2)
+    state = trainer.init(params, carry, key=jax.random.key(3))
+    whole, losses = trainer.update(state, xs, targets)
+    half, first = trainer.update(state, xs[:4], targets[:4])
+    half, second = trainer.update(half, xs[4:], targets[4:])
+    np.testing.assert_allclose(losses, jnp.concatenate([first, second]), rtol=1e-12)
+    np.testing.assert_allclose(flat(whole.params), flat(half.params), rtol=1e-12)
+    assert int(whole.steps) == T
+
+
+def test_online_vmaps_over_seeds_and_learning_rates():
+    step, loss_fn, params, carry, xs, targets = problem("elman", T, B=2, D=3, H=3)
+    trainer = jb.online(step, loss_fn, optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), jb.UORO(), update_every=4)
+
+    def run(key, lr):
+        state = trainer.init(params, carry, key=key)
+        state = state._replace(opt_state=state.opt_state._replace(hyperparams={"learning_rate": lr}))
+        return trainer.update(state, xs, targets)
+
+    keys, lrs = jax.random.split(jax.random.key(0), 3), jnp.array([0.0, 0.05, 0.1])
+    states, losses = jax.jit(jax.vmap(run))(keys, lrs)
+    assert losses.shape == (3, 2)
+    for i in range(3):
+        single, single_losses = run(keys[i], lrs[i])
+        np.testing.assert_allclose(losses[i], single_losses, rtol=1e-10)
+        np.testing.assert_allclose(flat(jax.tree.map(lambda a: a[i], states.params)), flat(single.params), rtol=1e-10)
+    np.testing.assert_allclose(flat(jax.tree.map(lambda a: a[0], states.params)), flat(params))
+
+
+def test_online_reset_starts_a_new_sequence():
+    step, loss_fn, params, carry, xs, targets = problem("elman", T, B=2, D=3, H=3)
+    trainer = jb.online(step, loss_fn, optax.sgd(0.0), jb.RTRL())
+    state, _ = trainer.update(trainer.init(params, carry), xs, targets)
+    state = trainer.reset(state, carry)
+    assert not bool(jnp.any(state.trace[0]))
+    # with the learning rate 0, the second sequence's loss is the first's
+    _, again = trainer.update(state, xs, targets)
+    _, first = trainer.update(trainer.init(params, carry), xs, targets)
+    np.testing.assert_allclose(again, first, rtol=1e-12)
+
+
+def test_online_tbptt_method_delegates():
+    step, loss_fn, params, carry, xs, targets = problem("gru", T, B=2, D=3, H=3)
+    trainer = jb.online(step, loss_fn, optax.sgd(0.1), jb.TBPTT(2, 4))
+    ref = jb.online_tbptt(step, loss_fn, optax.sgd(0.1), truncation=(2, 4))
+    state, losses = trainer.update(trainer.init(params, carry), xs, targets)
+    ref_state, ref_losses = ref.update(ref.init(params, carry), xs, targets)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-12)
+    np.testing.assert_allclose(flat(state.params), flat(ref_state.params), rtol=1e-12)
+    state = trainer.reset(state, carry)
+    assert not bool(jnp.any(state.valid))
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+
+def test_errors():
+    step, loss_fn, params, carry, xs, targets = problem("elman", T, B=2, D=3, H=3)
+    with pytest.raises(ValueError, match="needs key="):
+        jb.online_grad(step, loss_fn, jb.UORO())(params, carry, xs, targets)
+    with pytest.raises(ValueError, match=r"\|carry\| x \|params\| = 6 x 33 .*max_influence_bytes=1000"):
+        jb.online_grad(step, loss_fn, jb.RTRL(), max_influence_bytes=1000)(params, carry, xs, targets)
+    with pytest.raises(ValueError, match="max_influence_bytes must be a positive int"):
+        jb.online_grad(step, loss_fn, jb.RTRL(), max_influence_bytes=0)
+    with pytest.raises(TypeError, match="method must be one of"):
+        jb.online_grad(step, loss_fn, "rtrl")
+    with pytest.raises(ValueError, match="SnAp needs n a positive int; got n=0"):
+        jb.online_grad(step, loss_fn, jb.SnAp(0))
+    with pytest.raises(ValueError, match="UORO needs eps > 0"):
+        jb.online_grad(step, loss_fn, jb.UORO(eps=0.0))
+    with pytest.raises(ValueError, match="k1 <= k2|1 <= k1"):
+        jb.online_grad(step, loss_fn, jb.TBPTT(5, 2))
+    with pytest.raises(TypeError, match=r"float leaves in carry; carry\[1\] has dtype int"):
+        jb.online_grad(lambda p, c, x: ((c[0], c[1] + 1), c[0]), loss_fn, jb.RTRL())(
+            params, (carry, jnp.zeros((), jnp.int32)), xs, jnp.zeros((T, 2, 3)))
+    with pytest.raises(ValueError, match="needs init\\(..., key="):
+        jb.online(step, loss_fn, optax.sgd(0.1), jb.UORO()).init(params, carry)
+    with pytest.raises(ValueError, match="update_every a positive int; got update_every=0"):
+        jb.online(step, loss_fn, optax.sgd(0.1), jb.RTRL(), update_every=0)
+    with pytest.raises(ValueError, match="updates every k1 steps; got update_every=3"):
+        jb.online(step, loss_fn, optax.sgd(0.1), jb.TBPTT(2, 4), update_every=3)
+    trainer = jb.online(step, loss_fn, optax.sgd(0.1), jb.RTRL(), update_every=3)
+    with pytest.raises(ValueError, match="multiple of update_every=3; xs has 8"):
+        trainer.update(trainer.init(params, carry), xs, targets)
