@@ -19,6 +19,7 @@ from ._combinators import masked as masked
 from ._combinators import resettable as resettable
 from ._combinators import stacked as stacked
 from ._kernel import Kernel as Kernel
+from ._linear_scan import linear_scan as linear_scan
 from ._kernel import Step as Step
 from ._online import OnlineState as OnlineState
 from ._parallel import data_parallel as data_parallel
@@ -59,6 +60,7 @@ __all__ = [
     "elman",
     "gru",
     "lengths_to_mask",
+    "linear_scan",
     "lstm",
     "make_train_step",
     "masked",
