@@ -20,6 +20,9 @@ from ._combinators import resettable as resettable
 from ._combinators import stacked as stacked
 from ._kernel import Kernel as Kernel
 from ._linear_scan import linear_scan as linear_scan
+from ._modern_cells import lru as lru
+from ._modern_cells import mingru as mingru
+from ._modern_cells import minlstm as minlstm
 from ._kernel import Step as Step
 from ._online import OnlineState as OnlineState
 from ._parallel import data_parallel as data_parallel
@@ -61,9 +64,12 @@ __all__ = [
     "gru",
     "lengths_to_mask",
     "linear_scan",
+    "lru",
     "lstm",
     "make_train_step",
     "masked",
+    "mingru",
+    "minlstm",
     "online_tbptt",
     "plot_gradient_flow",
     "reference_unroll",

@@ -42,7 +42,7 @@ def _clip_fwd(tree, clip_norm):
 
 def _clip_bwd(clip_norm, ct):
     floats = [c for c in jax.tree.leaves(ct) if c.dtype != jax.dtypes.float0]
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(c.astype(jnp.promote_types(c.dtype, jnp.float32)))) for c in floats))
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(jnp.abs(c.astype(jnp.promote_types(c.dtype, jnp.float32))))) for c in floats))
     scale = jnp.where(norm > clip_norm, clip_norm / jnp.where(norm > clip_norm, norm, 1), 1)
     scaled = jax.tree.map(lambda c: c if c.dtype == jax.dtypes.float0 else (c * scale).astype(c.dtype), ct)
     return scaled, jnp.zeros_like(clip_norm)

@@ -153,7 +153,7 @@ def _global_norm_per_slot(tree, axis_name=None) -> jax.Array:
     """L2 norm over every leaf and axis but the leading slot axis, accumulated in >= float32; with
     `axis_name`, also over the shards of a mapped (batch-split) axis."""
     squares = sum(
-        jnp.sum(jnp.square(a.astype(jnp.promote_types(a.dtype, jnp.float32))), axis=tuple(range(1, a.ndim)))
+        jnp.sum(jnp.square(jnp.abs(a.astype(jnp.promote_types(a.dtype, jnp.float32)))), axis=tuple(range(1, a.ndim)))
         for a in jax.tree.leaves(tree)
     )
     return jnp.sqrt(squares if axis_name is None else lax.psum(squares, axis_name))
