@@ -18,6 +18,8 @@ from ._combinators import lengths_to_mask as lengths_to_mask
 from ._combinators import masked as masked
 from ._combinators import resettable as resettable
 from ._combinators import stacked as stacked
+from ._deer import DeerInfo as DeerInfo
+from ._deer import deer as deer
 from ._kernel import Kernel as Kernel
 from ._linear_scan import linear_scan as linear_scan
 from ._modern_cells import lru as lru
@@ -49,6 +51,7 @@ __all__ = [
     "adapters",
     "Binomial",
     "Cell",
+    "DeerInfo",
     "Diagnostics",
     "Kernel",
     "LSTMState",
@@ -59,6 +62,7 @@ __all__ = [
     "check_grads",
     "clip_identity",
     "data_parallel",
+    "deer",
     "diagnostics_probe",
     "elman",
     "gru",
