@@ -153,6 +153,10 @@ def _best_unroll(rows) -> list[str]:
 
 def main(argv=None):
     args = _parse(argv)
+    if args.suite == "parallel":
+        from ._parallel_time import run_suite
+
+        return run_suite(args)
     sections = [(s, *_selected(s, args)) for s in SUITES[args.suite]]
     total = sum(len(configs) for _, configs, _ in sections)
     peak = matmul_peak_gflops()

@@ -66,4 +66,5 @@ GPU = Section(
     "jaxbptt at unroll 1, 2, 4, 8",
 )
 
-SUITES = {"default": [CORE, PEERS, OPTIONS, PRECISION], "quick": [QUICK], "memory": [MEMORY, POLICIES], "gpu": [GPU]}
+SUITES = {"default": [CORE, PEERS, OPTIONS, PRECISION], "quick": [QUICK], "memory": [MEMORY, POLICIES], "gpu": [GPU],
+          "parallel": []}  # parallel in time: its own tables, benchmarks/_parallel_time.py
