@@ -131,32 +131,44 @@ def deer_rows(configs, budget_s):
     return rows
 
 
-def _print_table(title, rows, keys):
+def _print_header(title, methods, keys):
     print(f"\n== {title}")
-    methods = list(rows[0]["ms"]) if rows else []
-    print(" ".join(f"{k:>6s}" for k in keys) + "".join(f" {m:>20s}" for m in methods) + "   (ms)")
-    for r in rows:
-        line = " ".join(f"{r[k]!s:>6s}" for k in keys) + "".join(f" {r['ms'][m]:20.2f}" for m in methods)
-        extra = [f"{k} {r[k]:.2f}x" for k in ("fwd_speedup", "grad_speedup", "speedup") if k in r]
-        if "iterations" in r:
-            extra.append("iterations " + ", ".join(f"{m} {n}" for m, n in r["iterations"].items()))
-        print(line + "   " + "; ".join(extra))
+    print(" ".join(f"{k:>6s}" for k in keys) + "".join(f" {m:>20s}" for m in methods) + "   (ms)", flush=True)
+
+
+def _print_row(r, keys):
+    line = " ".join(f"{r[k]!s:>6s}" for k in keys) + "".join(f" {ms:20.2f}" for ms in r["ms"].values())
+    extra = [f"{k} {r[k]:.2f}x" for k in ("fwd_speedup", "grad_speedup", "speedup") if k in r]
+    if "iterations" in r:
+        extra.append("iterations " + ", ".join(f"{m} {n}" for m, n in r["iterations"].items()))
+    print(line + "   " + "; ".join(extra), flush=True)
+
+
+TABLES = (
+    ("linear_scan", "scan", linear_scan_rows, ("T", "B", "H"),
+     ("lax.scan fwd", "linear_scan fwd", "jax.grad(lax.scan)", "linear_scan fwd+bwd", "jax.grad(assoc_scan)"),
+     "linear_scan: h_t = a_t h_{t-1} + b_t, loss sum(h^2); speedup = lax.scan time / linear_scan time"),
+    ("cells", "cells", cell_rows, ("cell", "T", "B", "D", "H"),
+     ("jax.grad(lax.scan)", "jaxbptt engine", "parallel fwd+bwd"),
+     "cells, per-step MSE loss and parameter gradients; speedup = jax.grad(lax.scan) / parallel"),
+    ("deer", "deer", deer_rows, ("cell", "T", "B", "D", "H"),
+     ("lax.scan fwd", "DEER fwd", "quasi-DEER fwd", "jax.grad(lax.scan)", "DEER fwd+bwd", "quasi-DEER fwd+bwd"),
+     "DEER / quasi-DEER (default tol; batch by jax.vmap), against lax.scan"),
+)
 
 
 def run(*, smoke: bool = False, budget_s: float = 1.5) -> dict:
-    """Measure and print the three tables; return them as a dict (for `--json`)."""
+    """Measure and print the three tables, a row as soon as it is measured; return them as a dict."""
     sizes = SMOKE if smoke else FULL
     print(f"device {device_name()}, float32; suite parallel{' (smoke sizes)' if smoke else ''}", flush=True)
-    report = {"device": device_name(), "suite": "parallel",
-              "linear_scan": linear_scan_rows(sizes["scan"], budget_s)}
-    _print_table("linear_scan: h_t = a_t h_{t-1} + b_t, loss sum(h^2); speedup = lax.scan time / linear_scan time",
-                 report["linear_scan"], ("T", "B", "H"))
-    report["cells"] = cell_rows(sizes["cells"], budget_s)
-    _print_table("cells, per-step MSE loss and parameter gradients; speedup = jax.grad(lax.scan) / parallel",
-                 report["cells"], ("cell", "T", "B", "D", "H"))
-    report["deer"] = deer_rows(sizes["deer"], budget_s)
-    _print_table("DEER / quasi-DEER (default tol; batch by jax.vmap), against lax.scan",
-                 report["deer"], ("cell", "T", "B", "D", "H"))
+    report = {"device": device_name(), "suite": "parallel"}
+    for name, sizes_key, measure, keys, methods, title in TABLES:
+        _print_header(title, methods, keys)
+        report[name] = []
+        for config in sizes[sizes_key]:
+            row = measure([config], budget_s)[0]
+            _print_row(row, keys)
+            report[name].append(row)
     return report
 
 
