@@ -157,27 +157,33 @@ def _best_unroll(rows) -> list[str]:
     return lines
 
 
-def _online(smoke: bool):
+def _online(args):
     from ._online import SMOKE, online_memory, print_online
 
-    return online_memory(**(SMOKE if smoke else {})), print_online
+    return online_memory(**(SMOKE if args.smoke else {})), print_online
 
 
-def _sweep(smoke: bool):
+def _sweep(args):
     from ._sweep import SMOKE, print_sweep, sweep_timing
 
-    return sweep_timing(**(SMOKE if smoke else {})), print_sweep
+    return sweep_timing(**(SMOKE if args.smoke else {})), print_sweep
 
 
-def _online_methods(smoke: bool):
+def _online_methods(args):
     from ._online_methods import online_methods, print_online_methods
     from ._suites import ONLINE_METHOD_CONFIGS, ONLINE_METHOD_TINY
 
-    return online_methods(ONLINE_METHOD_TINY if smoke else ONLINE_METHOD_CONFIGS), print_online_methods
+    return online_methods(ONLINE_METHOD_TINY if args.smoke else ONLINE_METHOD_CONFIGS), print_online_methods
 
 
-# The extra measurements a suite may name in `SUITE_EXTRAS`: name -> run(smoke) -> (result, printer).
-EXTRAS = {"online": _online, "sweep": _sweep, "online_methods": _online_methods}
+def _parallel_time(args):
+    from ._parallel_time import run
+
+    return run(smoke=args.smoke, budget_s=args.budget), lambda report: None  # it prints rows as they come
+
+
+# The extra measurements a suite may name in `SUITE_EXTRAS`: name -> run(args) -> (result, printer).
+EXTRAS = {"online": _online, "sweep": _sweep, "online_methods": _online_methods, "parallel": _parallel_time}
 
 
 def main(argv=None):
@@ -214,7 +220,7 @@ def main(argv=None):
     _print_exact_bptt_summary(report)
     if not (args.cell or args.size or args.method):
         for name in SUITE_EXTRAS.get(args.suite, ()):
-            report[name], show = EXTRAS[name](args.smoke)
+            report[name], show = EXTRAS[name](args)
             show(report[name])
     if args.json:
         with open(args.json, "w") as f:

@@ -18,7 +18,13 @@ from ._combinators import lengths_to_mask as lengths_to_mask
 from ._combinators import masked as masked
 from ._combinators import resettable as resettable
 from ._combinators import stacked as stacked
+from ._deer import DeerInfo as DeerInfo
+from ._deer import deer as deer
 from ._kernel import Kernel as Kernel
+from ._linear_scan import linear_scan as linear_scan
+from ._modern_cells import lru as lru
+from ._modern_cells import mingru as mingru
+from ._modern_cells import minlstm as minlstm
 from ._kernel import Step as Step
 from ._online import OnlineState as OnlineState
 from ._parallel import data_parallel as data_parallel
@@ -55,6 +61,7 @@ __all__ = [
     "adapters",
     "Binomial",
     "Cell",
+    "DeerInfo",
     "Diagnostics",
     "Every",
     "Kernel",
@@ -73,13 +80,18 @@ __all__ = [
     "check_grads",
     "clip_identity",
     "data_parallel",
+    "deer",
     "diagnostics_probe",
     "elman",
     "gru",
     "lengths_to_mask",
+    "linear_scan",
+    "lru",
     "lstm",
     "make_train_step",
     "masked",
+    "mingru",
+    "minlstm",
     "online",
     "online_grad",
     "online_tbptt",

@@ -17,7 +17,7 @@ parameter gradients are matrix products over all steps of a block at once:
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -43,11 +43,14 @@ class Cell(NamedTuple):
       init: `init(key, input_size, dtype=jnp.float32) -> params`.
       initial_carry: `initial_carry(batch_shape=(), dtype=jnp.float32) -> carry` (zeros).
       step: `step(params, carry, x) -> (carry, y)`; `x` has shape `(*batch_shape, input_size)`.
+      parallel: `parallel(params, carry, xs) -> (final_carry, ys)`, equal to `lax.scan` of `step`
+        (values and gradients) but computed in O(log T) depth; None for cells without one.
     """
 
     init: Callable[..., PyTree]
     initial_carry: Callable[..., PyTree]
     step: Callable
+    parallel: Optional[Callable] = None
 
 
 class LSTMState(NamedTuple):

@@ -157,7 +157,9 @@ def _global_norm_per_slot(tree, axis_name=None) -> jax.Array:
     overflows (float32 squares overflow above ~1.8e19). A zero norm has a zero (not NaN) derivative,
     so second derivatives through clipping stay finite where a cotangent is exactly zero.
     """
-    leaves = [a.astype(jnp.promote_types(a.dtype, jnp.float32)) for a in jax.tree.leaves(tree)]
+    # A complex leaf (an LRU's carry, say) counts with its modulus.
+    leaves = [jnp.abs(a) if jnp.iscomplexobj(a) else a for a in jax.tree.leaves(tree)]
+    leaves = [a.astype(jnp.promote_types(a.dtype, jnp.float32)) for a in leaves]
     if not leaves:
         return jnp.zeros((1,), jnp.float32)
     per_leaf = lambda f: jnp.stack([f(a, axis=tuple(range(1, a.ndim))) for a in leaves])

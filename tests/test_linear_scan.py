@@ -1,0 +1,124 @@
+"""`linear_scan` against a sequential `lax.scan` of the same recurrence, values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.test_util import check_grads
+
+import jaxbptt as jb
+
+T, B, H = 13, 3, 4
+
+
+def sequential(a, b, h0, reverse=False):
+    def one(a_, b_, h_):
+        a_ = jnp.broadcast_to(a_, b_.shape)
+
+        def body(h, ab):
+            h = ab[0] * h + ab[1]
+            return h, h
+
+        return lax.scan(body, h_, (a_, b_), reverse=reverse)[1]
+
+    return jax.tree.map(one, a, b, h0)
+
+
+def _data(seed, complex_=False, a_shape=(T, B, H)):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    a = jax.random.uniform(ks[0], a_shape, minval=0.5, maxval=1.0)
+    b = jax.random.normal(ks[1], (T, B, H))
+    h0 = jax.random.normal(ks[2], (B, H))
+    if complex_:
+        a = a * jnp.exp(1j * jax.random.uniform(ks[3], a_shape, maxval=6.0))
+        b = b + 1j * jax.random.normal(ks[4], (T, B, H))
+        h0 = h0 + 1j * jax.random.normal(ks[5], (B, H))
+    return a, b, h0
+
+
+def _loss(scan, reverse):
+    def loss(a, b, h0):
+        hs = scan(a, b, h0, reverse=reverse)
+        w = jnp.cos(jnp.arange(hs.size, dtype=jnp.float64).reshape(hs.shape))
+        return jnp.sum(jnp.real(hs * w) + jnp.imag(hs) ** 2)
+
+    return loss
+
+
+@pytest.mark.parametrize("complex_, reverse, a_shape", [
+    (False, False, (T, B, H)), (True, True, (T, B, H)), (True, False, (H,)), (False, True, (T, 1, H)),
+])
+def test_values_and_grads_match_sequential_scan(complex_, reverse, a_shape):
+    a, b, h0 = _data(0, complex_, a_shape)
+    np.testing.assert_allclose(jb.linear_scan(a, b, h0, reverse=reverse), sequential(a, b, h0, reverse),
+                               rtol=1e-12, atol=1e-12)
+    got = jax.jit(jax.grad(_loss(jb.linear_scan, reverse), argnums=(0, 1, 2)))(a, b, h0)
+    want = jax.jit(jax.grad(_loss(sequential, reverse), argnums=(0, 1, 2)))(a, b, h0)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_real_decay_with_complex_inputs_gets_a_real_gradient():
+    a, _, _ = _data(1, False)
+    _, b, h0 = _data(1, True)
+    got = jax.jit(jax.grad(_loss(jb.linear_scan, False)))(a, b, h0)
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(got, jax.jit(jax.grad(_loss(sequential, False)))(a, b, h0), rtol=1e-10)
+
+
+def test_pytree_of_leaves():
+    a1, b1, h1 = _data(2)
+    a2, b2, h2 = _data(3, True)
+    a, b, h0 = {"x": a1, "y": a2[:, 0]}, {"x": b1, "y": b2[:, 0]}, {"x": h1, "y": h2[0]}
+    got = jb.linear_scan(a, b, h0)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-12), got, sequential(a, b, h0))
+
+
+def test_check_grads():
+    a, b, h0 = _data(4, True)
+    f = jax.jit(lambda a, b, h0: jb.linear_scan(a, b, h0, reverse=True))
+    check_grads(f, (a[:6, 0], b[:6, 0], h0[0]), order=1, modes=["rev"])
+
+
+def test_vmap_over_a_decay_hyperparameter():
+    _, b, h0 = _data(5)
+    decays = jnp.array([0.3, 0.9, 0.99])
+
+    def loss(lam, scan):
+        return jnp.sum(scan(jnp.full((H,), lam), b, h0) ** 2)
+
+    got = jax.jit(jax.vmap(jax.value_and_grad(lambda lam: loss(lam, jb.linear_scan))))(decays)
+    want = jax.jit(jax.vmap(jax.value_and_grad(lambda lam: loss(lam, sequential))))(decays)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-10)
+
+
+def test_zero_length():
+    hs = jb.linear_scan(jnp.ones((0, 2)), jnp.ones((0, 2)), jnp.zeros(2))
+    assert hs.shape == (0, 2)
+
+
+def test_float32_close_to_float64():
+    a, b, h0 = _data(6)
+    got = jax.jit(jb.linear_scan)(*(x.astype(jnp.float32) for x in (a, b, h0)))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, sequential(a, b, h0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("args, error, match", [
+    ((jnp.ones((3, 2)), jnp.ones((3, 2)), jnp.zeros(3)), ValueError, r"h0 must have the shape of one step of b"),
+    ((jnp.ones((4, 2)), jnp.ones((3, 2)), jnp.zeros(2)), ValueError, r"a must broadcast against b"),
+    ((jnp.ones((3, 2)), {"x": jnp.ones((3, 2))}, {"x": jnp.zeros(2)}), TypeError, r"a must have the pytree structure of b"),
+    ((jnp.ones((3, 2)), jnp.ones((3, 2), jnp.int32), jnp.zeros(2)), TypeError, r"b must be a float or complex"),
+    ((jnp.ones(()), jnp.ones(()), jnp.zeros(())), ValueError, r"b must have time as the leading axis"),
+])
+def test_errors(args, error, match):
+    with pytest.raises(error, match=match):
+        jb.linear_scan(*args)
+
+
+def test_reverse_must_be_bool():
+    with pytest.raises(TypeError, match="reverse must be a bool"):
+        jb.linear_scan(jnp.ones(3), jnp.ones(3), jnp.zeros(()), reverse=1)

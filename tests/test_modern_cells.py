@@ -1,0 +1,127 @@
+"""LRU, minGRU, minLSTM: `parallel` against `lax.scan` of `step` (values and gradients), and `step`
+through the sequential engine's options against the oracle."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.test_util import check_grads
+
+import jaxbptt as jb
+
+T, B, D, H = 16, 2, 3, 5
+CELLS = {
+    "lru": lambda: jb.lru(H, 0.5, 0.99),
+    "mingru": lambda: jb.mingru(H),
+    "minlstm": lambda: jb.minlstm(H),
+}
+mse = lambda y, t: jnp.mean((y - t) ** 2)
+
+
+def _problem(name, dtype=jnp.float64):
+    cell = CELLS[name]()
+    params = cell.init(jax.random.key(0), D, dtype)
+    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+    carry = cell.initial_carry((B,), dtype)
+    carry = carry + (0.3 * jax.random.normal(k1, carry.shape, dtype)).astype(carry.dtype)
+    if jnp.iscomplexobj(carry):
+        carry = carry + 0.2j
+    xs = jax.random.normal(k2, (T, B, D), dtype)
+    out_width = D if name == "lru" else H
+    targets = jax.random.normal(k3, (T, B, out_width), dtype)
+    return cell, params, carry, xs, targets
+
+
+def _sequential(cell):
+    return lambda params, carry, xs: lax.scan(lambda c, x: cell.step(params, c, x), carry, xs)
+
+
+def _loss(form):
+    def loss(params, carry, xs, targets):
+        final, ys = form(params, carry, xs)
+        return jnp.sum(jax.vmap(mse)(ys, targets)) + jnp.sum(jnp.abs(final) ** 2)
+
+    return loss
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_parallel_equals_scan_of_step(name):
+    cell, params, carry, xs, targets = _problem(name)
+    got, want = jax.jit(cell.parallel)(params, carry, xs), jax.jit(_sequential(cell))(params, carry, xs)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12), got, want)
+    grad = lambda form: jax.jit(jax.grad(_loss(form), argnums=(0, 1, 2)))(params, carry, xs, targets)
+    got, want = grad(cell.parallel), grad(_sequential(cell))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.dtype == w.dtype
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_lru_parallel_check_grads():
+    cell, params, carry, xs, _ = _problem("lru")
+    f = jax.jit(lambda p, c, x: cell.parallel(p, c, x)[1])
+    check_grads(f, (params, carry[0], xs[:6, 0]), order=1, modes=["rev"])
+
+
+def test_parallel_under_vmap_over_a_hyperparameter():
+    cell, params, carry, xs, targets = _problem("mingru")
+
+    def loss(scale, form):
+        return _loss(form)(jax.tree.map(lambda p: scale * p, params), carry, xs, targets)
+
+    scales = jnp.array([0.5, 1.0, 2.0])
+    got = jax.jit(jax.vmap(jax.grad(lambda s: loss(s, cell.parallel))))(scales)
+    want = jax.jit(jax.vmap(jax.grad(lambda s: loss(s, _sequential(cell)))))(scales)
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("lru", dict(truncation=4, clip_norm=0.5)),
+    ("mingru", dict(truncation=(3, 6))),
+    ("minlstm", dict(clip_norm=0.1)),
+])
+def test_step_with_engine_options_matches_oracle(name, options):
+    cell, params, carry, xs, targets = _problem(name)
+    args = (params, carry, xs, targets)
+    (loss, final), grads = jax.jit(jb.value_and_grad(cell.step, mse, argnums=(0, 1), **options))(*args)
+    (loss_ref, final_ref), grads_ref = jb.reference_value_and_grad(cell.step, mse, argnums=(0, 1), **options)(*args)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-12)
+    np.testing.assert_allclose(final, final_ref, rtol=1e-12)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12), grads, grads_ref)
+
+
+def test_lru_diagnostics_and_remat_with_a_complex_carry():
+    cell, params, carry, xs, targets = _problem("lru")
+    f = jb.value_and_grad(cell.step, mse, clip_norm=0.5, diagnostics=True, remat="sqrt")
+    (_, _, diag), grads = jax.jit(f)(params, carry, xs, targets)
+    (_, _), grads_ref = jb.reference_value_and_grad(cell.step, mse, clip_norm=0.5)(params, carry, xs, targets)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12), grads, grads_ref)
+    assert diag.adjoint_norm.dtype == jnp.float64 and bool(jnp.any(diag.clipped))
+    assert bool(jnp.all(diag.adjoint_norm >= 0))
+
+
+def test_lru_initialisation_follows_the_ring():
+    params = jb.lru(2000, 0.4, 0.9).init(jax.random.key(2), 3, jnp.float64)
+    radius = jnp.exp(-jnp.exp(params["nu_log"]))
+    assert 0.4 <= float(radius.min()) < 0.42 and 0.88 < float(radius.max()) <= 0.9
+    np.testing.assert_allclose(jnp.exp(params["gamma_log"]), jnp.sqrt(1 - radius**2), rtol=1e-12)
+    assert float(jnp.exp(params["theta_log"]).max()) < 2 * np.pi
+
+
+def test_float32_parallel_close_to_step():
+    cell, params, carry, xs, _ = _problem("lru", jnp.float32)
+    got, want = jax.jit(cell.parallel)(params, carry, xs), jax.jit(_sequential(cell))(params, carry, xs)
+    assert got[0].dtype == jnp.complex64 and got[1].dtype == jnp.float32
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5), got, want)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: jb.lru(4, 0.9, 0.5), "0 <= r_min < r_max <= 1"),
+    (lambda: jb.lru(4, 0.0, 1.5), "0 <= r_min < r_max <= 1"),
+    (lambda: jb.lru(4, max_phase=0.0), "max_phase must be > 0"),
+    (lambda: jb.mingru(0), "hidden_size must be a positive int"),
+    (lambda: jb.minlstm(2).init(jax.random.key(0), 0), "input_size must be a positive int"),
+])
+def test_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
