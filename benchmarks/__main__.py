@@ -193,6 +193,11 @@ def main(argv=None):
 
         report["sweep"] = sweep_timing()
         print_sweep(report["sweep"])
+    if args.suite == "sharded-sweep":
+        from ._sharded_sweep import print_sharded_sweep, sharded_sweep_timing
+
+        report["sharded_sweep"] = sharded_sweep_timing()
+        print_sharded_sweep(report["sharded_sweep"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

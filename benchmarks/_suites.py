@@ -66,4 +66,5 @@ GPU = Section(
     "jaxbptt at unroll 1, 2, 4, 8",
 )
 
-SUITES = {"default": [CORE, PEERS, OPTIONS, PRECISION], "quick": [QUICK], "memory": [MEMORY, POLICIES], "gpu": [GPU]}
+SUITES = {"default": [CORE, PEERS, OPTIONS, PRECISION], "quick": [QUICK], "memory": [MEMORY, POLICIES], "gpu": [GPU],
+          "sharded-sweep": []}  # no sections: a sweep over 1, 2 and 4 host devices (_sharded_sweep.py)
