@@ -1,7 +1,7 @@
 """One of N processes on 127.0.0.1 (tests/test_multiprocess.py starts them), or a single process
 with several host devices: split computations equal one process on the whole batch.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=2 python tests/multiprocess_worker.py PORT I N
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python tests/multiprocess_worker.py PORT I N [INIT_TIMEOUT_S]
 
 runs as process I of N, its coordinator at 127.0.0.1:PORT; with N=1 it runs alone, without
 `jax.distributed`, and checks only the sweep. Every check prints a line; the last is "worker ok".
@@ -17,6 +17,7 @@ assert "--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "
 import jax  # noqa: E402
 
 port, process_id, num_processes = (int(a) for a in sys.argv[1:4])
+init_timeout = int(sys.argv[4]) if len(sys.argv) > 4 else 30
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 if num_processes > 1:
@@ -25,7 +26,7 @@ if num_processes > 1:
     # Bounded failures: a missing peer or a taken port ends this process within seconds, not 5 minutes;
     # binding the loopback address only keeps the coordinator off every other interface.
     jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id,
-                               coordinator_bind_address=address, initialization_timeout=30,
+                               coordinator_bind_address=address, initialization_timeout=init_timeout,
                                heartbeat_timeout_seconds=10, shutdown_timeout_seconds=30)
 
 import chex  # noqa: E402
