@@ -72,7 +72,8 @@ def check(name, got, want):
     got = jax.tree.map(lambda a: multihost_utils.process_allgather(a, tiled=True), got)  # every process gathers
     if rank == 0:
         chex.assert_trees_all_close(got, want, rtol=RTOL, atol=ATOL)
-    print(f"process {rank}/{procs}: {name} ok ({time.process_time():.0f} s of CPU, {time.time() - START:.0f} s so far)", flush=True)
+    cpu, wall = time.process_time(), time.time() - START
+    print(f"process {rank}/{procs}: {name} ok ({cpu:.0f} s of CPU, {wall:.0f} s so far)", flush=True)
 
 
 def check_data_parallel():
