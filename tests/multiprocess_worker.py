@@ -17,13 +17,15 @@ assert "--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "
 import jax  # noqa: E402
 
 port, process_id, num_processes = (int(a) for a in sys.argv[1:4])
-init_timeout = int(sys.argv[4]) if len(sys.argv) > 4 else 30
+# The start-up timeout also bounds gloo's set-up of each new group of devices, which waits for the
+# slowest process (here process 0, which alone computes the references): generous by default.
+init_timeout = int(sys.argv[4]) if len(sys.argv) > 4 else 300
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 if num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     address = f"127.0.0.1:{port}"
-    # Bounded failures: a missing peer or a taken port ends this process within seconds, not 5 minutes;
+    # Bounded failures: a missing peer ends this process after init_timeout, a dead one after 10 s;
     # binding the loopback address only keeps the coordinator off every other interface.
     jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id,
                                coordinator_bind_address=address, initialization_timeout=init_timeout,

@@ -30,7 +30,7 @@ def launch():
     """Starts worker processes; every one of them is killed at the end of the test, whatever happens."""
     started = []
 
-    def start(port, process_id, num_processes, devices=2, init_timeout_s=30):
+    def start(port, process_id, num_processes, devices=2, init_timeout_s=300):
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                    PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))
         argv = [sys.executable, "-u", WORKER, *map(str, (port, process_id, num_processes, init_timeout_s))]
