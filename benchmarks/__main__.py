@@ -182,8 +182,15 @@ def _parallel_time(args):
     return run(smoke=args.smoke, budget_s=args.budget), lambda report: None  # it prints rows as they come
 
 
+def _sharded_sweep(args):
+    from ._sharded_sweep import print_sharded_sweep, sharded_sweep_timing
+
+    return sharded_sweep_timing(devices=(2,) if args.smoke else (1, 2, 4)), print_sharded_sweep
+
+
 # The extra measurements a suite may name in `SUITE_EXTRAS`: name -> run(args) -> (result, printer).
-EXTRAS = {"online": _online, "sweep": _sweep, "online_methods": _online_methods, "parallel": _parallel_time}
+EXTRAS = {"online": _online, "sweep": _sweep, "online_methods": _online_methods, "parallel": _parallel_time,
+          "sharded_sweep": _sharded_sweep}
 
 
 def main(argv=None):

@@ -74,12 +74,13 @@ ONLINE_METHOD_CONFIGS = [("elman", 100, 4, 8, H) for H in (8, 16, 32)] + [("gru"
 ONLINE_METHOD_TINY = [("elman", 10, 2, 4, 4)]
 
 SUITES = {"default": [CORE, PEERS, OPTIONS, PRECISION], "quick": [QUICK], "memory": [MEMORY, POLICIES], "gpu": [GPU],
-          "online": [], "parallel": []}  # their own tables: _online_methods.py, _parallel_time.py
+          # no sections, their own tables: _online_methods.py, _parallel_time.py, _sharded_sweep.py
+          "online": [], "parallel": [], "sharded-sweep": []}
 
 # Measurements that are not (configuration x method) tables, run after a suite's sections when the
 # suite is run unfiltered (see `benchmarks.__main__.EXTRAS`).
 SUITE_EXTRAS = {"default": ("online", "sweep"), "memory": ("online",), "online": ("online", "online_methods"),
-                "parallel": ("parallel",)}
+                "parallel": ("parallel",), "sharded-sweep": ("sharded_sweep",)}
 
 # `--smoke`: every configuration of a section at this (T, B, D, H), so each cell and method of every
 # section runs through the same code path in seconds; it checks that the main job works, and

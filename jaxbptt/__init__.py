@@ -47,6 +47,7 @@ from ._reference import clip_identity as clip_identity
 from ._reference import reference_unroll as reference_unroll
 from ._reference import reference_value_and_grad as reference_value_and_grad
 from ._reverse import Diagnostics as Diagnostics
+from ._sweep import sharded_sweep as sharded_sweep
 from ._training import make_train_step as make_train_step
 from ._training import train_loop as train_loop
 from ._unroll import diagnostics_probe as diagnostics_probe
@@ -99,6 +100,7 @@ __all__ = [
     "reference_unroll",
     "reference_value_and_grad",
     "resettable",
+    "sharded_sweep",
     "stacked",
     "tasks",
     "train_loop",

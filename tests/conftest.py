@@ -3,9 +3,9 @@
 import jax
 import pytest
 
-# Runs only in its own process with 8 host devices (test_sharding.py starts it); doctest collection
-# would import it here, where that flag is not set.
-collect_ignore = ["sharded_check.py"]
+# Run only in their own processes with several host devices (test_sharding.py and
+# test_multiprocess.py start them); doctest collection would import them here, without that flag.
+collect_ignore = ["sharded_check.py", "multiprocess_worker.py"]
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
