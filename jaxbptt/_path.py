@@ -50,11 +50,14 @@ def prefers_autodiff(length: int, rows: int, elements: int) -> bool:
 
     `rows` is the batch size of one step and `elements` its carry's size (B x H, 2 B x H for an
     LSTM). Measured side by side on 2 CPU cores, float32, with the built-in cells, D=16, a 10-unit
-    readout and per-step MSE (`python -m benchmarks --suite grid`, T in {25, 50, 100}, B in {8, 64},
-    H in {32, 128}, and T=60, B=32, H=32): at batch 8 the engine took 0.4-0.97x autodiff's time at
-    every T and H; at batch 64 it took 0.95-1.3x up to T=50 (and at T=60, B=32 for the GRU and LSTM),
-    while at T=100, B=64 blocks of 10 steps bring it below autodiff. The carry's width made no
-    consistent difference at H=32-128, so `elements` is not used.
+    readout and per-step MSE (the `grid` suite of `python -m benchmarks`: T in {25, 50, 100}, B in
+    {8, 64}, H in {32, 128}; and T=60, B=32, H=32): at batch 8 the engine took 0.54-0.97x autodiff's
+    time at every T and H; at batch 64 it took 0.95-1.27x, and the GRU 1.22-1.34x at T=60, B=32. With
+    blocks of up to 2**17 carry elements (`_remat`), T=100 at batch 64 runs 10 blocks of 10 steps and
+    came below autodiff in most interleaved runs; shorter sequences keep blocks of at most 8 steps (the 8-block minimum), where
+    the per-block epilogue dominates. The carry's width made no consistent difference at H=32-128, so
+    `elements` is not used. Runs on a loaded machine vary by far more than these margins: re-measure
+    before moving a threshold.
     """
     del elements
     return rows >= _AUTODIFF_MIN_ROWS and length <= _AUTODIFF_MAX_LENGTH
