@@ -59,6 +59,12 @@ QUICK = Section(
     ("jax.grad", "jaxbptt", "jax.checkpoint", "flax", "equinox", "torch", "k=10", "remat=sqrt"), "jax.grad",
     "smoke run: every method on small problems",
 )
+GRID = Section(
+    "grid", [(cell, T, B, 16, H) for cell in ("elman", "lstm", "gru") for T in (25, 50, 100) for B in (8, 64)
+             for H in (32, 128)] + [(cell, 60, 32, 16, 32) for cell in ("elman", "lstm", "gru")],
+    ("jax.grad", "jaxbptt"), "jax.grad",
+    "training shapes: T in {25, 50, 100}, B in {8, 64}, H in {32, 128}, D=16; and the sweep size (60, 32, 16, 32)",
+)
 GPU_UNROLLS = ("jaxbptt", "jaxbptt u=2", "jaxbptt u=4", "jaxbptt u=8")
 GPU = Section(
     "gpu", [("lstm", 25, 128, 1024, 1024), ("gru", 25, 128, 1024, 1024), ("lstm", 1000, 1, 32, 64),
@@ -73,7 +79,7 @@ GPU = Section(
 ONLINE_METHOD_CONFIGS = [("elman", 100, 4, 8, H) for H in (8, 16, 32)] + [("gru", 100, 4, 8, 16)]
 ONLINE_METHOD_TINY = [("elman", 10, 2, 4, 4)]
 
-SUITES = {"default": [CORE, PEERS, OPTIONS, PRECISION], "quick": [QUICK], "memory": [MEMORY, POLICIES], "gpu": [GPU],
+SUITES = {"default": [CORE, PEERS, OPTIONS, PRECISION, GRID], "grid": [GRID], "quick": [QUICK], "memory": [MEMORY, POLICIES], "gpu": [GPU],
           # no sections, their own tables: _online_methods.py, _parallel_time.py, _sharded_sweep.py
           "online": [], "parallel": [], "sharded-sweep": []}
 

@@ -430,6 +430,11 @@ def rows_per_step(carry) -> int:
     return max(1, leaf.size // max(1, leaf.shape[-1] if leaf.ndim else 1))
 
 
+def carry_elements(carry) -> int:
+    """Elements of one step's carry (all leaves), which bounds the blocks of narrow carries."""
+    return sum(int(np.size(a)) for a in jax.tree.leaves(carry))
+
+
 def setup(step, params, carry, xs):
     """The kernel of `step` and its loop invariants for one call."""
     x_first = jax.tree.map(lambda a: a[:1], xs)

@@ -13,6 +13,7 @@ from jax.interpreters import partial_eval as pe
 from . import _reverse
 from . import _validate as v
 from ._kernel import Step, as_engine_cotangent, is_float
+from ._path import check_engine, use_autodiff
 from ._remat import make_plan, validate_remat
 from ._types import Carry, Params, PyTree, StepFn
 
@@ -152,6 +153,7 @@ def unroll(
     reverse: bool = False,
     unroll: int = 1,
     probe=None,
+    engine: str = "auto",
 ) -> tuple[Carry, PyTree]:
     """Run `step` over time, with reverse-mode derivatives from the hand-written reverse scan.
 
@@ -200,6 +202,10 @@ def unroll(
       probe: None, or `jaxbptt.diagnostics_probe(T)`; the gradient with respect to it is the
         `jaxbptt.Diagnostics` of the reverse scan (per-step adjoint norm and clipped flag, indexed
         by time step).
+      engine: which exact path differentiates the unroll: `"reverse"` (the reverse scan),
+        `"autodiff"` (`jax.grad` through the surrogate `lax.scan` of `jaxbptt.reference_unroll`;
+        no `remat` or `probe`) or `"auto"` (default: the reverse scan, except for built-in cells at
+        sizes where a measured cost model finds autodiff faster and no option needs the engine).
 
     Returns:
       `(final_carry, ys)`, `ys` stacked along a leading time axis.
@@ -222,6 +228,7 @@ def unroll(
     """
     v.check_callable("step", step)
     check_options(truncation, remat, clip_norm, unroll)
+    check_engine(engine, remat=remat, probe=probe)
     length = v.time_length("xs", xs)
     carry = v.check_carry(step, params, carry, xs)
     if probe is not None:
@@ -232,7 +239,13 @@ def unroll(
     if reverse:
         xs, probe = flip(xs), flip(probe)
     trunc, k, clip = traced_options(truncation, clip_norm, length)
-    plan = make_plan(length, remat, _reverse.rows_per_step(carry))
+    if use_autodiff(engine, step, length, _reverse.rows_per_step(carry), _reverse.carry_elements(carry),
+                    remat=remat, truncation=truncation, clip_norm=clip_norm, probe=probe):
+        from ._reference import reference_unroll  # it builds on this module
+
+        final, ys = reference_unroll(step, params, carry, xs, truncation=truncation, clip_norm=clip_norm)
+        return final, (flip(ys) if reverse else ys)
+    plan = make_plan(length, remat, _reverse.rows_per_step(carry), _reverse.carry_elements(carry))
     step, params = hoist_closure(step, params, carry, jax.tree.map(lambda a: a[0], xs))
     final, ys = _differentiable_unroll(step, trunc, plan, unroll)(params, carry, xs, k, clip, probe)
     return final, (flip(ys) if reverse else ys)
