@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from . import _layout
 from . import _reverse
 from . import _validate as v
 from ._kernel import as_engine_cotangent, is_float
@@ -131,6 +132,7 @@ def unroll(
     reverse: bool = False,
     unroll: int = 1,
     probe=None,
+    time_axis: int = 0,
 ) -> tuple[Carry, PyTree]:
     """Run `step` over time, with reverse-mode derivatives from the hand-written reverse scan.
 
@@ -176,9 +178,12 @@ def unroll(
       probe: None, or `jaxbptt.diagnostics_probe(T)`; the gradient with respect to it is the
         `jaxbptt.Diagnostics` of the reverse scan (per-step adjoint norm and clipped flag, indexed
         by time step).
+      time_axis: 0 (time-major `xs`, the default) or 1 (batch-major `xs` shaped `(batch, T, ...)`,
+        Flax's default; `ys` is then returned batch-major too). Equal to the time-major call on
+        `swapaxes(0, 1)` data.
 
     Returns:
-      `(final_carry, ys)`, `ys` stacked along a leading time axis.
+      `(final_carry, ys)`, `ys` stacked along the time axis (`time_axis`).
 
     Raises:
       TypeError: `step` is not callable, or it changes the carry's structure, shapes or dtypes.
@@ -198,16 +203,19 @@ def unroll(
     """
     v.check_callable("step", step)
     check_options(truncation, remat, clip_norm, unroll)
+    _layout.check_time_axis(time_axis)
+    xs = _layout.time_major(xs, time_axis)
     length = v.time_length("xs", xs)
     carry = v.check_carry(step, params, carry, xs)
     if probe is not None:
         _check_probe(probe, length)
     if length == 0:
-        return _reverse.zero_length_outputs(step, params, carry, xs)
+        final, ys = _reverse.zero_length_outputs(step, params, carry, xs)
+        return final, _layout.from_time_major(ys, time_axis)
     flip = functools.partial(jax.tree.map, lambda a: jnp.flip(a, axis=0))
     if reverse:
         xs, probe = flip(xs), flip(probe)
     trunc, k, clip = traced_options(truncation, clip_norm, length)
     plan = make_plan(length, remat, _reverse.rows_per_step(carry))
     final, ys = _differentiable_unroll(step, trunc, plan, unroll)(params, carry, xs, k, clip, probe)
-    return final, (flip(ys) if reverse else ys)
+    return final, _layout.from_time_major(flip(ys) if reverse else ys, time_axis)
