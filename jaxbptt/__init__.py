@@ -19,6 +19,8 @@ from ._combinators import masked as masked
 from ._combinators import resettable as resettable
 from ._combinators import stacked as stacked
 from ._kernel import Kernel as Kernel
+from ._models import embedding as embedding
+from ._models import generate as generate
 from ._kernel import Step as Step
 from ._online import OnlineState as OnlineState
 from ._parallel import data_parallel as data_parallel
@@ -57,6 +59,8 @@ __all__ = [
     "data_parallel",
     "diagnostics_probe",
     "elman",
+    "embedding",
+    "generate",
     "gru",
     "lengths_to_mask",
     "lstm",
