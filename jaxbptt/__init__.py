@@ -25,6 +25,8 @@ from ._linear_scan import linear_scan as linear_scan
 from ._modern_cells import lru as lru
 from ._modern_cells import mingru as mingru
 from ._modern_cells import minlstm as minlstm
+from ._models import embedding as embedding
+from ._models import generate as generate
 from ._kernel import Step as Step
 from ._online import OnlineState as OnlineState
 from ._parallel import data_parallel as data_parallel
@@ -84,6 +86,8 @@ __all__ = [
     "deer",
     "diagnostics_probe",
     "elman",
+    "embedding",
+    "generate",
     "gru",
     "lengths_to_mask",
     "linear_scan",

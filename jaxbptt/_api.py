@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 from . import _reverse
+from . import _layout
 from . import _validate as v
 from ._kernel import is_float
 from ._path import check_engine, use_autodiff
@@ -40,11 +41,31 @@ def loss_dtype(step, loss_fn, params, carry, xs, targets):
     return jax.eval_shape(loss_fn, y, v.first_step(targets)).dtype
 
 
-def zero_length_result(argnums, params, carry, xs, diagnostics, dtype=jnp.float32):
+def check_layout_options(has_aux, time_axis, clip_scope) -> None:
+    """The layout and scope options (see `_layout`)."""
+    if not isinstance(has_aux, bool):
+        raise TypeError(f"has_aux must be a bool; got has_aux={has_aux!r}.")
+    _layout.check_time_axis(time_axis)
+    _layout.check_clip_scope(clip_scope)
+
+
+def empty_aux(loss_fn, ys_struct, targets):
+    """Zero-length `aux` for T = 0: the per-step aux structure with a leading axis of 0."""
+    _, aux = jax.eval_shape(loss_fn, ys_struct, v.first_step(targets))
+    return jax.tree.map(lambda s: jnp.zeros((0,) + s.shape, s.dtype), aux)
+
+
+def stacked_loss(loss_fn, ys, targets):
+    """`(sum_t loss_t, aux stacked over time)` of a `has_aux` loss."""
+    losses, aux = jax.vmap(loss_fn)(ys, targets)
+    return jnp.sum(losses), aux
+
+
+def zero_length_result(argnums, params, carry, xs, diagnostics, dtype=jnp.float32, aux=None):
     """The exact answer for T = 0: zero loss, the initial carry, zero gradients."""
     zeros = jax.tree.map(jnp.zeros_like, (params, carry, xs))
     loss = jnp.zeros((), dtype)
-    aux = (loss, carry)
+    aux = (loss, carry) + (() if aux is None else (aux,))
     if diagnostics:
         aux += (_reverse.Diagnostics(jnp.zeros((0,), jnp.float32), jnp.zeros((0,), bool)),)
     return aux, select_argnums(argnums, zeros)
@@ -58,7 +79,10 @@ def value_and_grad(
     truncation=None,
     remat=None,
     clip_norm=None,
+    clip_scope: str = "batch",
     diagnostics: bool = False,
+    has_aux: bool = False,
+    time_axis: int = 0,
     unroll: int = 1,
     check_finite: bool = False,
     axis_name=None,
@@ -81,7 +105,18 @@ def value_and_grad(
       loss_fn: `loss_fn(y_t, target_t) -> scalar`; masks or weights can travel in the targets.
       argnums: int or tuple of ints among 0 (params), 1 (carry), 2 (xs), as in `jax.value_and_grad`.
       truncation, remat, clip_norm, unroll: as in `jaxbptt.unroll`.
+      clip_scope: what one per-step clipping norm covers: `"batch"` (default) the whole carry
+        cotangent, so the threshold's meaning depends on the batch size; `"example"` each row of the
+        carry's leading batch axis on its own (equal to `jax.vmap` of the unbatched call over
+        examples). Diagnostics report the global norm in both scopes; with `"example"`, `clipped`
+        is true at a step where any example was rescaled.
       diagnostics: also return `diag` (`jaxbptt.Diagnostics`: per-step adjoint norm and clipped flag).
+      has_aux: `loss_fn(y_t, target_t) -> (loss_t, aux_t)`, `aux_t` any pytree of per-step metrics;
+        they are returned stacked over time (leading axis T, whatever `time_axis`). The outputs
+        `ys` are then kept whole for the loss (the default evaluates the loss block by block).
+      time_axis: 0 when time is the leading axis of every leaf of `xs` and `targets` (time-major,
+        as `lax.scan`); 1 for batch-major data shaped `(batch, T, ...)` (Flax's default). The result
+        equals the time-major call on `swapaxes(0, 1)` data; input gradients come back batch-major.
       check_finite: the checked mode, for debugging. Every step's carry and output (forward), every
         carry cotangent and every block's parameter gradient (backward) is checked with
         `jax.experimental.checkify`; the first non-finite value raises `JaxRuntimeError` naming its
@@ -93,9 +128,10 @@ def value_and_grad(
         batch's (see `jaxbptt.data_parallel`).
 
     Returns:
-      A function `(params, carry, xs, targets) -> ((loss, final_carry), grads)`, or
-      `((loss, final_carry, diag), grads)` with `diagnostics=True`; `grads` is structured by
-      `argnums` as in `jax.value_and_grad`.
+      A function `(params, carry, xs, targets) -> ((loss, final_carry), grads)`, with `aux` then
+      `diag` appended to the first tuple when `has_aux=True` and `diagnostics=True`:
+      `((loss, final_carry, aux, diag), grads)`; `grads` is structured by `argnums` as in
+      `jax.value_and_grad`.
 
     Raises:
       TypeError / ValueError: at trace time, for a non-callable step or loss, mismatched time axes
@@ -112,18 +148,35 @@ def value_and_grad(
       >>> (loss, final), grads = f(params, model.initial_carry((8,)), xs, targets)
       >>> grads["W_hy"].shape
       (32, 1)
+
+    Per-step metrics and batch-major data:
+
+      >>> def loss_and_error(y, t):
+      ...   return mse(y, t), {"abs_error": jnp.mean(jnp.abs(y - t))}
+      >>> f = jb.value_and_grad(model.step, loss_and_error, has_aux=True, time_axis=1, clip_norm=1.0,
+      ...                       clip_scope="example")
+      >>> (loss, final, aux), grads = f(params, model.initial_carry((8,)), jnp.ones((8, 50, 2)), jnp.zeros((8, 50, 1)))
+      >>> aux["abs_error"].shape
+      (50,)
     """
     v.check_callable("step", step)
     v.check_callable("loss_fn", loss_fn)
     nums = v.check_argnums(argnums)
     check_options(truncation, remat, clip_norm, unroll)
     check_engine(engine, remat=remat, diagnostics=diagnostics, check_finite=check_finite, axis_name=axis_name)
+    check_layout_options(has_aux, time_axis, clip_scope)
+    scalar_loss = _layout.split_aux(loss_fn) if has_aux else loss_fn
 
     def value_and_grad_fn(params, carry, xs, targets):
-        length, carry = check_call(step, loss_fn, argnums, params, carry, xs, targets)
+        xs = _layout.time_major(xs, time_axis)
+        targets = _layout.time_major(targets, time_axis, "targets")
+        length, carry = check_call(step, scalar_loss, argnums, params, carry, xs, targets)
+        if clip_norm is not None and clip_scope == "example":
+            _layout.check_example_rows(carry)
         if length == 0:
-            dtype = loss_dtype(step, loss_fn, params, carry, xs, targets)
-            return zero_length_result(argnums, params, carry, xs, diagnostics, dtype)
+            dtype = loss_dtype(step, scalar_loss, params, carry, xs, targets)
+            aux = empty_aux(loss_fn, jax.eval_shape(step, params, carry, v.first_step(xs))[1], targets) if has_aux else None
+            return zero_length_result(argnums, params, carry, xs, diagnostics, dtype, aux)
         trunc, k, clip = traced_options(truncation, clip_norm, length)
         if use_autodiff(engine, step, length, _reverse.rows_per_step(carry), _reverse.carry_elements(carry),
                         remat=remat, truncation=truncation, clip_norm=clip_norm, diagnostics=diagnostics,
@@ -131,24 +184,30 @@ def value_and_grad(
             from ._reference import reference_value_and_grad  # it builds on this module
 
             oracle = reference_value_and_grad(step, loss_fn, argnums=argnums, truncation=truncation,
-                                              clip_norm=clip_norm)
+                                              clip_norm=clip_norm, has_aux=has_aux)
             aux, grads = oracle(params, carry, xs, targets)
             return aux, poison_invalid(grads, k, clip)
         plan = make_plan(length, remat, _reverse.rows_per_step(carry), _reverse.carry_elements(carry))
         kernel, consts = _reverse.setup(step, params, carry, xs)
-        loss = (loss_fn, targets)
-        final, value, saved = _reverse.forward(kernel, params, consts, carry, xs, plan, loss=loss, unroll=unroll,
-                                               check_finite=check_finite)
+        ct_ys, loss = None, (loss_fn, targets)
+        if has_aux:  # the stacked aux needs every step's output at once
+            final, ys, saved = _reverse.forward(kernel, params, consts, carry, xs, plan, unroll=unroll,
+                                                check_finite=check_finite)
+            value, loss_vjp, aux = jax.vjp(lambda ys: stacked_loss(loss_fn, ys, targets), ys, has_aux=True)
+            (ct_ys,), loss = loss_vjp(jnp.ones_like(value)), None
+        else:
+            final, value, saved = _reverse.forward(kernel, params, consts, carry, xs, plan, loss=loss, unroll=unroll,
+                                                   check_finite=check_finite)
         ct_final = jax.tree.map(lambda c: jnp.zeros(c.shape, c.dtype if is_float(c) else jnp.float32), carry)
         dparams, dcarry, dxs, diag = _reverse.backward(
             kernel, params, consts, xs, saved, plan,
-            ct_final=ct_final, loss=loss, trunc=resolve_truncation(trunc, k), clip_norm=clip,
+            ct_final=ct_final, ct_ys=ct_ys, loss=loss, trunc=resolve_truncation(trunc, k), clip_norm=clip,
             diagnostics=diagnostics, unroll=unroll, need_xs=2 in nums, check_finite=check_finite,
-            axis_name=axis_name,
+            axis_name=axis_name, clip_scope=clip_scope,
         )
-        grads = (cast_like(dparams, params), cast_like(dcarry, carry), dxs)
+        grads = (cast_like(dparams, params), cast_like(dcarry, carry), _layout.from_time_major(dxs, time_axis))
         grads = poison_invalid(select_argnums(argnums, grads), k, clip)
-        aux = (value, final) + ((diag,) if diagnostics else ())
+        aux = (value, final) + ((aux,) if has_aux else ()) + ((diag,) if diagnostics else ())
         return aux, grads
 
     if not check_finite:

@@ -10,6 +10,8 @@ import numpy as np
 
 from ._combinator_kernels import masked_kernel, resettable_kernel, stacked_kernel
 from ._kernel import Kernel, Step, generic_kernel
+from ._cells import Cell
+from ._models import stacked_cells
 from ._types import PyTree, StepFn
 
 
@@ -116,10 +118,16 @@ def resettable(step: StepFn, initial_carry: PyTree) -> StepFn:
     return resettable_step
 
 
-def stacked(*steps: StepFn, residual: bool = False) -> StepFn:
+def stacked(*steps: StepFn, residual: bool = False, dropout: float = 0.0) -> StepFn:
     """A deep RNN: params and carry are tuples with one entry per layer, layer i's output is layer
     i+1's input, and the stacked step's output is the last layer's. With `residual=True`, each layer
     after the first adds its input to its output (the shapes must match).
+
+    Given `Cell`s instead of steps, it returns a `Cell` (`init(key, input_size)` -> a tuple of layer
+    params, `initial_carry(batch_shape)` -> a tuple of carries, and the stacked step) that
+    `jaxbptt.with_readout` and `jaxbptt.embedding` accept. Only then may `dropout > 0` zero each
+    unit between layers with that probability during training: the step's input is then
+    `(x, key)`, a key per step (typed or raw key data); `key=None` or a plain `x` runs without dropout.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxbptt as jb
@@ -130,7 +138,17 @@ def stacked(*steps: StepFn, residual: bool = False) -> StepFn:
       >>> carry, y = step(params, carry, jnp.ones((2, 3)))
       >>> y.shape
       (2, 8)
+      >>> model = jb.with_readout(jb.stacked(jb.lstm(8), jb.lstm(8), dropout=0.1), 2)
+      >>> params = model.init(jax.random.key(0), 3)
+      >>> xs, keys = jnp.ones((5, 4, 3)), jax.random.key_data(jax.random.split(jax.random.key(1), 5))
+      >>> final, ys = jb.unroll(model.step, params, model.initial_carry((4,)), (xs, keys))
+      >>> ys.shape
+      (5, 4, 2)
     """
+    if steps and all(isinstance(s, Cell) for s in steps):
+        return stacked_cells(steps, residual=residual, dropout=dropout)
+    if dropout:
+        raise TypeError(f"stacked(dropout={dropout!r}) needs Cells (jaxbptt.lstm(...), ...), not step functions.")
     if not steps:
         raise ValueError("stacked needs at least one step.")
     for i, s in enumerate(steps):

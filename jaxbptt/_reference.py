@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from . import _layout
 from . import _validate as v
-from ._api import check_call, loss_dtype, value_and_grad
+from ._api import check_call, check_layout_options, empty_aux, loss_dtype, stacked_loss, value_and_grad
 from ._kernel import is_float
 from ._reverse import _global_norm_per_slot, truncation_spec
 from ._types import PyTree
@@ -51,10 +52,12 @@ def _clip_bwd(clip_norm, ct):
 clip_identity.defvjp(_clip_fwd, _clip_bwd)
 
 
-def _step_input(carry, t, x, *, clip_norm, perturbation):
-    """The carry as step t sees it: through the clipping identity, plus the zero perturbation."""
+def _step_input(carry, t, x, *, clip_norm, perturbation, clip_scope="batch"):
+    """The carry as step t sees it: through the clipping identity, plus the zero perturbation.
+    Per-example clipping is the clipping identity mapped over the carry's leading batch axis."""
     if clip_norm is not None:
-        carry = clip_identity(carry, jnp.asarray(clip_norm))
+        clip = clip_identity if clip_scope == "batch" else jax.vmap(clip_identity, in_axes=(0, None))
+        carry = clip(carry, jnp.asarray(clip_norm))
     if perturbation is not None:
         eps = jax.tree.map(lambda e: e[t], perturbation)
         carry = jax.tree.map(lambda c, e: c + e if is_float(c) else c, carry, eps)
@@ -65,7 +68,8 @@ def _where(cond, a, b):
     return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
 
 
-def reference_unroll(step, params, carry, xs, *, truncation=None, clip_norm=None, perturbation=None):
+def reference_unroll(step, params, carry, xs, *, truncation=None, clip_norm=None, perturbation=None,
+                     clip_scope="batch", time_axis=0):
     """`unroll` as a plain `lax.scan` surrogate, differentiated by JAX autodiff (the oracle).
 
     Args:
@@ -75,15 +79,25 @@ def reference_unroll(step, params, carry, xs, *, truncation=None, clip_norm=None
       perturbation: None, or a pytree like `carry` with a leading time axis, added to the carry
         entering each step (after clipping). Passing zeros and differentiating with respect to it
         gives the cotangent of the carry entering each step, before clipping: the diagnostics oracle.
+      clip_scope: `"batch"` or `"example"`, as in `jaxbptt.value_and_grad`.
+      time_axis: 0 (time-major) or 1 (batch-major `xs`, and `ys` returned batch-major).
 
     Returns:
       `(final_carry, ys)` with the values of the plain scan.
     """
     v.check_truncation(truncation)
     v.check_clip_norm(clip_norm)
+    _layout.check_clip_scope(clip_scope)
+    _layout.check_time_axis(time_axis)
+    xs = _layout.time_major(xs, time_axis)
+    final, ys = _reference_unroll(step, params, carry, xs, truncation, dict(
+        clip_norm=clip_norm, perturbation=perturbation, clip_scope=clip_scope))
+    return final, _layout.from_time_major(ys, time_axis)
+
+
+def _reference_unroll(step, params, carry, xs, truncation, options):
     length = v.time_length("xs", xs)
     truncation = v.static_truncation(truncation)
-    options = dict(clip_norm=clip_norm, perturbation=perturbation)
     if isinstance(truncation, tuple) and truncation_spec(truncation, length).active:
         return _williams_peng(step, params, carry, xs, length, *truncation, **options)
     chunked = truncation is not None and not isinstance(truncation, tuple)  # an inactive pair is exact
@@ -132,11 +146,13 @@ def _williams_peng(step, params, carry, xs, length, k1, k2, **options):
     return jax.tree.map(lambda a: a[-1], finals), jax.tree.map(assemble, ys)
 
 
-def reference_value_and_grad(step, loss_fn, *, argnums=0, truncation=None, clip_norm=None):
+def reference_value_and_grad(step, loss_fn, *, argnums=0, truncation=None, clip_norm=None, clip_scope="batch",
+                             has_aux=False, time_axis=0):
     """The oracle for `jaxbptt.value_and_grad`: `jax.value_and_grad` through `reference_unroll`.
 
-    Same call signature and return structure as `jaxbptt.value_and_grad` (without diagnostics):
-    a function `(params, carry, xs, targets) -> ((loss, final_carry), grads)`.
+    Same call signature, options and return structure as `jaxbptt.value_and_grad` (without
+    diagnostics): a function `(params, carry, xs, targets) -> ((loss, final_carry), grads)`, or
+    `((loss, final_carry, aux), grads)` with `has_aux=True`.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxbptt as jb
@@ -154,16 +170,29 @@ def reference_value_and_grad(step, loss_fn, *, argnums=0, truncation=None, clip_
     v.check_argnums(argnums)
     v.check_truncation(truncation)
     v.check_clip_norm(clip_norm)
+    check_layout_options(has_aux, time_axis, clip_scope)
+    scalar_loss = _layout.split_aux(loss_fn) if has_aux else loss_fn
 
     def value_and_grad_fn(params, carry, xs, targets):
-        length, carry = check_call(step, loss_fn, argnums, params, carry, xs, targets)
-        dtype = loss_dtype(step, loss_fn, params, carry, xs, targets)
+        targets = _layout.time_major(targets, time_axis, "targets")
+        length, carry = check_call(step, scalar_loss, argnums, params, carry, _layout.time_major(xs, time_axis), targets)
+        dtype = loss_dtype(step, scalar_loss, params, carry, _layout.time_major(xs, time_axis), targets)
+        if clip_norm is not None and clip_scope == "example":
+            _layout.check_example_rows(carry)
 
         def total(params, carry, xs):
-            final, ys = reference_unroll(step, params, carry, xs, truncation=truncation, clip_norm=clip_norm)
-            return jnp.sum(jax.vmap(loss_fn)(ys, targets)) if length else jnp.zeros((), dtype), final
+            final, ys = reference_unroll(step, params, carry, xs, truncation=truncation, clip_norm=clip_norm,
+                                         clip_scope=clip_scope, time_axis=time_axis)
+            ys = _layout.time_major(ys, time_axis, "ys")
+            if not has_aux:
+                return (jnp.sum(jax.vmap(loss_fn)(ys, targets)) if length else jnp.zeros((), dtype)), final
+            if not length:
+                return jnp.zeros((), dtype), (final, empty_aux(loss_fn, v.first_step(ys), targets))
+            loss, aux = stacked_loss(loss_fn, ys, targets)
+            return loss, (final, aux)
 
-        return jax.value_and_grad(total, argnums, has_aux=True)(params, carry, xs)
+        (loss, aux), grads = jax.value_and_grad(total, argnums, has_aux=True)(params, carry, xs)
+        return ((loss, *aux) if has_aux else (loss, aux)), grads
 
     return value_and_grad_fn
 
@@ -183,7 +212,8 @@ def check_grads(step, loss_fn, params, carry, xs, targets, *, rtol=None, **optio
       step, loss_fn, params, carry, xs, targets: as in `jaxbptt.value_and_grad`.
       rtol: the largest relative error accepted; default 1e-8 in float64, 1e-4 in float32, 1e-2
         for 16-bit floats.
-      **options: `argnums`, `truncation`, `clip_norm`, `remat`, `unroll`, `check_finite` for `jaxbptt.value_and_grad`;
+      **options: `argnums`, `truncation`, `clip_norm`, `clip_scope`, `time_axis`, `remat`, `unroll`,
+        `check_finite` for `jaxbptt.value_and_grad`;
         those that change gradients go to the oracle too.
 
     Returns:
@@ -202,7 +232,8 @@ def check_grads(step, loss_fn, params, carry, xs, targets, *, rtol=None, **optio
       >>> err < 1e-4
       True
     """
-    reference_options = {k: options[k] for k in ("argnums", "truncation", "clip_norm") if k in options}
+    reference_options = {k: options[k] for k in ("argnums", "truncation", "clip_norm", "clip_scope", "time_axis")
+                         if k in options}
     args = (params, carry, xs, targets)
     fn = value_and_grad(step, loss_fn, **options)
     (loss, _), grads = (fn if options.get("check_finite") else jax.jit(fn))(*args)  # checked: compiles itself

@@ -172,12 +172,24 @@ def _global_norm_per_slot(tree, axis_name=None) -> jax.Array:
     return jnp.where(jnp.isinf(scale), scale, norm)
 
 
+def _clip_norms(tree, scope: str, axis_name=None) -> jax.Array:
+    """The norms that per-step clipping compares with `clip_norm`: shape (slots,) for scope "batch"
+    (the global norm), (slots, batch) for scope "example" (one norm per row of the carry's leading
+    batch axis; rows never span shards, so no reduction over `axis_name`)."""
+    if scope == "batch":
+        return _global_norm_per_slot(tree, axis_name)
+    return jnp.sqrt(sum(
+        jnp.sum(jnp.square(a.astype(jnp.promote_types(a.dtype, jnp.float32))), axis=tuple(range(2, a.ndim)))
+        for a in jax.tree.leaves(tree)
+    ))
+
+
 def _expand(mask, leaf):
     return mask.reshape(mask.shape + (1,) * (leaf.ndim - mask.ndim))
 
 
 def _adjoint_step(kernel, params, consts, out, prev_out, res, slots, ct_out, t, trunc, clip_norm, diagnostics,
-                  check_finite=False, axis_name=None):
+                  check_finite=False, axis_name=None, clip_scope="batch"):
     """One step of the reverse loop: slots hold the cotangents of carry_t, one per live window."""
     m = trunc.slots
     if m == 1:
@@ -204,7 +216,7 @@ def _adjoint_step(kernel, params, consts, out, prev_out, res, slots, ct_out, t, 
         cut = (jnp.arange(m) == ((t + trunc.k2) // trunc.k1 - 1) % m) & opens & (t > 0)
         a_prev = jax.tree.map(lambda x: jnp.where(_expand(cut, x), jnp.zeros((), x.dtype), x), a_prev)
     if clip_norm is not None:
-        norms = _global_norm_per_slot(a_prev, axis_name)
+        norms = _clip_norms(a_prev, clip_scope, axis_name)
         over = norms > clip_norm
         scale = jnp.where(over, clip_norm / jnp.where(over, norms, 1), 1)
         a_prev = jax.tree.map(lambda x: (x * _expand(scale, x)).astype(x.dtype), a_prev)
@@ -238,6 +250,7 @@ class _Backward(NamedTuple):
     x_diff: list
     check_finite: bool = False
     axis_name: Any = None
+    clip_scope: str = "batch"
 
     def block(self, slots, acc, t0, length: int, carry_start, stored=None):
         """Reverse the block [t0, t0 + length): its output cotangents, the carry-adjoint loop, then its
@@ -267,7 +280,7 @@ class _Backward(NamedTuple):
             j, (out, prev_out, r, ct_out) = inputs
             slots, local, record = _adjoint_step(
                 kernel, params, consts, out, prev_out, r, slots, ct_out, t0 + j, self.trunc, self.clip_norm,
-                self.diagnostics, self.check_finite, self.axis_name,
+                self.diagnostics, self.check_finite, self.axis_name, self.clip_scope,
             )
             return slots, (local, record)
 
@@ -364,6 +377,7 @@ def backward(
     need_xs: bool = True,
     check_finite: bool = False,
     axis_name=None,
+    clip_scope: str = "batch",
 ):
     """The reverse scan.
 
@@ -371,6 +385,9 @@ def backward(
       ct_final: cotangent of the final carry (an error of the last chunk under truncation).
       ct_ys: cotangents of the stacked outputs, or None when `loss` is given.
       loss: `(loss_fn, targets)`: output cotangents are the gradients of the summed per-step loss.
+      clip_scope: "batch" clips each slot's global norm; "example" each row of the carry's leading
+        batch axis on its own. Diagnostics keep the global norm either way; `clipped` is then true
+        when any example was rescaled.
 
     Returns:
       `(dparams, dcarry, dxs, diag)`; `dxs` is None unless `need_xs` (float0 zeros for integer
@@ -385,7 +402,7 @@ def backward(
     acc = accumulator_like(params)
     x_diff = [need_xs and is_float(x) for x in jax.tree.leaves(xs)]
     bwd = _Backward(kernel, params, consts, xs, ct_ys, loss, trunc, clip_norm, diagnostics, unroll, x_diff,
-                    check_finite, axis_name)
+                    check_finite, axis_name, clip_scope)
     if plan.schedule is not None:
         slots, acc, dx_flat, record = _revolve(bwd, plan, saved, slots, acc)
     else:

@@ -10,6 +10,7 @@ import numpy as np
 from jax import lax
 from jax.interpreters import partial_eval as pe
 
+from . import _layout
 from . import _reverse
 from . import _validate as v
 from ._kernel import Step, as_engine_cotangent, is_float
@@ -154,6 +155,7 @@ def unroll(
     unroll: int = 1,
     probe=None,
     engine: str = "auto",
+    time_axis: int = 0,
 ) -> tuple[Carry, PyTree]:
     """Run `step` over time, with reverse-mode derivatives from the hand-written reverse scan.
 
@@ -206,9 +208,12 @@ def unroll(
         `"autodiff"` (`jax.grad` through the surrogate `lax.scan` of `jaxbptt.reference_unroll`;
         no `remat` or `probe`) or `"auto"` (default: the reverse scan, except for built-in cells at
         sizes where a measured cost model finds autodiff faster and no option needs the engine).
+      time_axis: 0 (time-major `xs`, the default) or 1 (batch-major `xs` shaped `(batch, T, ...)`,
+        Flax's default; `ys` is then returned batch-major too). Equal to the time-major call on
+        `swapaxes(0, 1)` data.
 
     Returns:
-      `(final_carry, ys)`, `ys` stacked along a leading time axis.
+      `(final_carry, ys)`, `ys` stacked along the time axis (`time_axis`).
 
     Raises:
       TypeError: `step` is not callable, or it changes the carry's structure, shapes or dtypes.
@@ -229,12 +234,15 @@ def unroll(
     v.check_callable("step", step)
     check_options(truncation, remat, clip_norm, unroll)
     check_engine(engine, remat=remat, probe=probe)
+    _layout.check_time_axis(time_axis)
+    xs = _layout.time_major(xs, time_axis)
     length = v.time_length("xs", xs)
     carry = v.check_carry(step, params, carry, xs)
     if probe is not None:
         _check_probe(probe, length)
     if length == 0:
-        return _reverse.zero_length_outputs(step, params, carry, xs)
+        final, ys = _reverse.zero_length_outputs(step, params, carry, xs)
+        return final, _layout.from_time_major(ys, time_axis)
     flip = functools.partial(jax.tree.map, lambda a: jnp.flip(a, axis=0))
     if reverse:
         xs, probe = flip(xs), flip(probe)
@@ -244,8 +252,8 @@ def unroll(
         from ._reference import reference_unroll  # it builds on this module
 
         final, ys = reference_unroll(step, params, carry, xs, truncation=truncation, clip_norm=clip_norm)
-        return final, (flip(ys) if reverse else ys)
+        return final, _layout.from_time_major(flip(ys) if reverse else ys, time_axis)
     plan = make_plan(length, remat, _reverse.rows_per_step(carry), _reverse.carry_elements(carry))
     step, params = hoist_closure(step, params, carry, jax.tree.map(lambda a: a[0], xs))
     final, ys = _differentiable_unroll(step, trunc, plan, unroll)(params, carry, xs, k, clip, probe)
-    return final, (flip(ys) if reverse else ys)
+    return final, _layout.from_time_major(flip(ys) if reverse else ys, time_axis)

@@ -3,6 +3,7 @@
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -11,7 +12,8 @@ from steps import problem
 
 
 def reference_online(step, loss_fn, optimizer, k1, k2, params, carry, xs, targets):
-    """Chunk by chunk: re-run the window from the carry the previous window computed, update params."""
+    """Chunk by chunk: re-run the window from the carry the previous window computed, update params.
+    The losses are per step: each chunk's summed loss over k1."""
     T = xs.shape[0]
     opt_state = optimizer.init(params)
     start_carry, losses = carry, []
@@ -32,7 +34,7 @@ def reference_online(step, loss_fn, optimizer, k1, k2, params, carry, xs, target
         start_carry = after[next_start - 1] if next_start - 1 >= max(s, 0) else start_carry
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        losses.append(loss)
+        losses.append(loss / k1)
     return params, jnp.stack(losses)
 
 
@@ -96,3 +98,38 @@ def test_bad_input():
         jb.online_tbptt(step, loss_fn, optax.sgd(0.1), truncation=(5, 3))
     with pytest.raises(TypeError, match="online_tbptt needs truncation=\\(k1, k2\\)"):
         jb.online_tbptt(step, loss_fn, optax.sgd(0.1), truncation=None)
+
+
+def test_update_compiles_once_and_reset_starts_a_new_stream():
+    step, loss_fn, params, carry, xs, targets = problem("gru", T=12)
+    trainer = jb.online_tbptt(step, loss_fn, optax.adam(0.05), truncation=(3, 5))
+    update = jax.jit(trainer.update)
+    state = trainer.init(params, carry, xs)
+    for _ in range(3):
+        state, _ = update(state, xs, targets)
+    assert update._cache_size() == 1
+    fresh = trainer.reset(state, carry)
+    again, losses = update(fresh, xs, targets)
+    assert update._cache_size() == 1
+    chex.assert_trees_all_equal((fresh.params, fresh.opt_state, fresh.chunks), (state.params, state.opt_state, state.chunks))
+    # equal to a new trainer state at the current params, with the optimizer's state carried over
+    new = trainer.init(state.params, carry, xs)._replace(opt_state=state.opt_state, chunks=state.chunks)
+    chex.assert_trees_all_close(update(new, xs, targets), (again, losses), rtol=1e-12)
+
+
+def test_batch_major_stream_and_outputs():
+    step, loss_fn, params, carry, xs, targets = problem("elman", T=12)
+    options = dict(truncation=(3, 5), return_outputs=True)
+    trainer = jb.online_tbptt(step, loss_fn, optax.sgd(0.1), **options)
+    state, losses, ys = jax.jit(trainer.update)(trainer.init(params, carry, xs), xs, targets)
+    batch_major = lambda a: jnp.swapaxes(a, 0, 1)
+    b_trainer = jb.online_tbptt(step, loss_fn, optax.sgd(0.1), time_axis=1, **options)
+    b_state, b_losses, b_ys = jax.jit(b_trainer.update)(b_trainer.init(params, carry, batch_major(xs)),
+                                                        batch_major(xs), batch_major(targets))
+    chex.assert_trees_all_close((b_state, b_losses, b_ys), (state, losses, batch_major(ys)), rtol=1e-12)
+    # the first chunk's outputs are those of the initial parameters
+    _, first = jb.unroll(step, params, carry, xs[:3])
+    chex.assert_trees_all_close(ys[:3], first, rtol=1e-12)
+    np.testing.assert_allclose(losses[0], jnp.mean(jax.vmap(loss_fn)(first, targets[:3])), rtol=1e-12)
+    with pytest.raises(ValueError, match="time_axis must be 0"):
+        jb.online_tbptt(step, loss_fn, optax.sgd(0.1), truncation=3, time_axis=2)

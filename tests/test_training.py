@@ -113,3 +113,46 @@ def test_experiments_quick_run(tmp_path):
     results = experiments.main(["--quick", "--seeds", "1", "--out", str(tmp_path / "curves.png")])
     assert len(results) == 11 and (tmp_path / "curves.png").stat().st_size > 0
     assert all(np.all(np.isfinite(r.values)) for r in results)
+
+
+def test_train_step_takes_every_gradient_option():
+    model, params, carry, xs, targets = _small()
+    bxs, btargets = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), (xs, targets))
+
+    def loss_and_aux(y, t):
+        loss = tasks.weighted_mse(y, t)
+        return loss, {"loss": loss}
+
+    options = dict(truncation=(3, 5), clip_norm=0.05, clip_scope="example", time_axis=1)
+    step = jax.jit(jb.make_train_step(model.step, loss_and_aux, optax.sgd(0.1), diagnostics=True, has_aux=True,
+                                      **options))
+    new_params, _, loss, final, extras = step(params, optax.sgd(0.1).init(params), carry, bxs, btargets)
+    (ref_loss, ref_final, aux), grads = jb.reference_value_and_grad(model.step, loss_and_aux, has_aux=True, **options)(
+        params, carry, bxs, btargets)
+    chex.assert_trees_all_close((new_params, loss, final, extras["aux"]),
+                                (jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), ref_loss, ref_final, aux),
+                                rtol=1e-10)
+    assert set(extras) == {"aux", "diag"} and extras["diag"].adjoint_norm.shape == (12,)
+    with pytest.raises(TypeError, match="make_train_step cannot take the option argnums=.* the optimizer updates"):
+        jb.make_train_step(model.step, tasks.weighted_mse, optax.sgd(0.1), argnums=(0, 1))
+    with pytest.raises(TypeError, match="make_train_step got an unknown option 'clipnorm'"):
+        jb.make_train_step(model.step, tasks.weighted_mse, optax.sgd(0.1), clipnorm=1.0)
+
+
+def test_train_loop_evaluates_and_stacks_metrics():
+    model, params, carry, _, _ = _small()
+    opt = optax.adam(1e-2)
+    step = jb.make_train_step(model.step, tasks.weighted_mse, opt, diagnostics=True)
+    batch = lambda key: (carry, *tasks.adding(key, 16, 12, jnp.float64))
+    held_out = batch(jax.random.key(7))
+    evaluate = lambda p: jb.value_and_grad(model.step, tasks.weighted_mse)(p, *held_out)[0][0]
+    run = jax.jit(jb.train_loop(step, batch, 6, eval_fn=evaluate, eval_every=3))
+    final, _, losses, history = run(params, opt.init(params), jax.random.key(0))
+    plain_final, _, plain_losses, plain_history = jax.jit(jb.train_loop(step, batch, 6))(params, opt.init(params), jax.random.key(0))
+    chex.assert_trees_all_close((final, losses, plain_history["diag"]), (plain_final, plain_losses, history["diag"]), rtol=1e-12)
+    assert history["eval"].shape == (2,) and history["diag"].adjoint_norm.shape == (6, 12)
+    np.testing.assert_allclose(history["eval"][-1], evaluate(final), rtol=1e-10)
+    with pytest.raises(ValueError, match="eval_every must be a positive int dividing iterations=6; got eval_every=4"):
+        jb.train_loop(step, batch, 6, eval_fn=evaluate, eval_every=4)
+    with pytest.raises(TypeError, match="eval_every needs eval_fn"):
+        jb.train_loop(step, batch, 6, eval_every=3)

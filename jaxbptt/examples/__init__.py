@@ -1,0 +1,1 @@
+"""Runnable examples: `python -m jaxbptt.examples.char_lm`."""
