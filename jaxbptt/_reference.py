@@ -1,7 +1,7 @@
 """The autodiff oracle: plain `lax.scan` surrogates whose `jax.grad` has the semantics of every
 gradient option, and `check_grads`, which compares the engine against them.
 
-The surrogates (DESIGN section 3):
+The surrogates, one per gradient option:
 - chunked truncation: the carry entering step t passes through `stop_gradient` when
   `t > 0 and t % k == 0`;
 - Williams-Peng truncation: each chunk of k1 steps re-runs its window of k2 steps from
