@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import jaxbptt as jb
 from steps import problem
 
-settings.register_profile("jaxbptt", derandomize=True, database=None, deadline=None, max_examples=25,
+settings.register_profile("jaxbptt", derandomize=True, database=None, deadline=None, max_examples=10,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("jaxbptt")
 
@@ -125,7 +125,7 @@ def _grads(case, *, oracle=False, **override):
     return jax.jit(run, static_argnums=1)(params, k), run, params, k
 
 
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(combinations())
 def test_every_combination_equals_the_oracle(case):
     aux, grads = _grads(case)[0]

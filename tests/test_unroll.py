@@ -44,8 +44,8 @@ def test_forward_values_match_scan(name):
     out = jax.jit(lambda *a: jb.unroll(step, *a))(params, carry, xs)
     under_grad = jax.jit(lambda *a: jax.vjp(lambda p: jb.unroll(step, p, *a[1:]), a[0])[0])(params, carry, xs)
     ref = _scan(step, params, carry, xs)
-    chex.assert_trees_all_close(out, ref, rtol=1e-12)
-    chex.assert_trees_all_close(under_grad, ref, rtol=1e-12)
+    chex.assert_trees_all_close(out, ref, rtol=1e-12, atol=1e-15)
+    chex.assert_trees_all_close(under_grad, ref, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("name", ["gru", "tuple"])
