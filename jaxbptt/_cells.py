@@ -233,7 +233,7 @@ def elman(
         return dparams, dz
 
     kernel = Kernel(_no_consts, project, forward, backward, grads, identity_post, _carry_is_output)
-    return Cell(init, _zeros_carry(hidden_size), Step(step, _fixed(kernel)))
+    return Cell(init, _zeros_carry(hidden_size), Step(step, _fixed(kernel), same_batch=True))
 
 
 # ---------------------------------------------------------------------------------------------- LSTM
@@ -340,7 +340,7 @@ def lstm(hidden_size: int, *, forget_bias: float = 1.0) -> Cell:
         return dparams, dz
 
     kernel = Kernel(_no_consts, project, forward, backward, grads, identity_post, lambda state: state.h)
-    return Cell(init, initial_carry, Step(step, _fixed(kernel)))
+    return Cell(init, initial_carry, Step(step, _fixed(kernel), same_batch=True))
 
 
 # ----------------------------------------------------------------------------------------------- GRU
@@ -423,7 +423,7 @@ def gru(hidden_size: int) -> Cell:
         return dparams, dgx
 
     kernel = Kernel(_no_consts, project, forward, backward, grads, identity_post, _carry_is_output)
-    return Cell(init, _zeros_carry(H), Step(step, _fixed(kernel)))
+    return Cell(init, _zeros_carry(H), Step(step, _fixed(kernel), same_batch=True))
 
 
 # ------------------------------------------------------------------------------------------- readout
@@ -496,4 +496,4 @@ def with_readout(cell: Cell, output_size: int) -> Cell:
     def make_kernel(params, carry, u):
         return _readout_kernel(kernel_for(cell.step, params["cell"], carry, u))
 
-    return Cell(init, cell.initial_carry, Step(step, make_kernel))
+    return Cell(init, cell.initial_carry, Step(step, make_kernel, same_batch=True))

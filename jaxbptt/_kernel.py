@@ -60,10 +60,13 @@ class Step:
     another function drops this and falls back to the generic (still exact) path.
     """
 
-    def __init__(self, fn: Callable, make_kernel: Callable[..., Kernel]):
+    def __init__(self, fn: Callable, make_kernel: Callable[..., Kernel], *, same_batch: bool = False):
         functools.update_wrapper(self, fn, updated=())
         self._fn = fn
         self.make_kernel = make_kernel
+        # The kernel assumes every input and carry leaf has the same batch shape (the built-in cells);
+        # other inputs (an input broadcast against a batched carry, say) take the generic kernel.
+        self.same_batch = same_batch
 
     def __call__(self, params, carry, x):
         return self._fn(params, carry, x)
@@ -74,9 +77,9 @@ class Step:
 
 def kernel_for(step: Callable, params: PyTree, carry: PyTree, x: PyTree) -> Kernel:
     """The hand-derived kernel of a built-in step, else the generic kernel of `step`."""
-    # Hand-derived kernels assume input and carry share their batch shape; an input broadcast
-    # against a batched carry (no batch axis, say) goes through the generic kernel instead.
-    if isinstance(step, Step) and len({np.shape(a)[:-1] for a in jax.tree.leaves((carry, x))}) == 1:
+    if isinstance(step, Step) and (
+        not step.same_batch or len({np.shape(a)[:-1] for a in jax.tree.leaves((carry, x))}) == 1
+    ):
         return step.make_kernel(params, carry, x)
     return generic_kernel(step, params, carry, x)
 
