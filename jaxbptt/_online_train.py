@@ -94,7 +94,7 @@ def online(
       >>> trainer = jb.online(model.step, lambda y, t: jnp.mean((y - t) ** 2), optax.sgd(0.1), jb.RTRL(),
       ...                     update_every=5)
       >>> state = trainer.init(model.init(jax.random.key(0), 1), model.initial_carry((2,)))
-      >>> xs = jnp.sin(jnp.arange(20.0))[:, None, None] * jnp.ones((20, 2, 1))
+      >>> xs = jnp.sin(jnp.arange(20, dtype=jnp.float32))[:, None, None] * jnp.ones((20, 2, 1), jnp.float32)
       >>> state, losses = jax.jit(trainer.update)(state, xs, xs)
       >>> losses.shape, int(state.steps)
       ((4,), 20)

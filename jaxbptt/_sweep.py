@@ -53,8 +53,8 @@ def sharded_sweep(
       >>> import jax, jax.numpy as jnp, jaxbptt as jb
       >>> run = lambda lr, w: w - lr * 2 * w                 # one gradient step of w ** 2
       >>> swept = jb.sharded_sweep(run, in_axes=(0, None))
-      >>> swept(jnp.array([0.1, 0.2, 0.3, 0.4]), jnp.float32(1.0))
-      Array([0.8       , 0.6       , 0.39999998, 0.19999999], dtype=float32)
+      >>> [round(v, 6) for v in swept(jnp.array([0.1, 0.2, 0.3, 0.4]), jnp.float32(1.0)).tolist()]
+      [0.8, 0.6, 0.4, 0.2]
     """
     v.check_callable("run", run)
     if mesh is None:
