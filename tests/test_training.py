@@ -99,12 +99,13 @@ def test_vmapped_sweep_equals_separate_runs():
     clips, ks = jnp.asarray([0.1, 10.0]), jnp.asarray([3, 12])
     sweep = jax.jit(jax.vmap(jax.vmap(run, (None, 0, 0, None, None)), (0, None, None, None, None)))
     grid = sweep(lrs, stacked, seeds, 0.5, 4)
+    single = jax.jit(run)  # one separate run at a time (one compilation for all of them)
     for i in range(2):
         for j in range(2):
-            np.testing.assert_allclose(grid[i, j], run(float(lrs[i]), inits[j], j, 0.5, 4), rtol=1e-12)
+            np.testing.assert_allclose(grid[i, j], single(lrs[i], inits[j], j, jnp.asarray(0.5), jnp.asarray(4)), rtol=1e-12)
     over_options = jax.jit(jax.vmap(lambda c, k: run(0.1, inits[0], 0, c, k)))(clips, ks)
     for i in range(2):
-        np.testing.assert_allclose(over_options[i], run(0.1, inits[0], 0, float(clips[i]), int(ks[i])), rtol=1e-12)
+        np.testing.assert_allclose(over_options[i], single(jnp.asarray(0.1), inits[0], 0, clips[i], ks[i]), rtol=1e-12)
 
 
 def test_experiments_quick_run(tmp_path):
