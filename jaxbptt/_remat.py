@@ -152,7 +152,6 @@ class Move(NamedTuple):
     destination: Any
 
 
-
 class Plan(NamedTuple):
     """A static schedule: groups of equal-length blocks covering [0, T) in order."""
 
