@@ -13,7 +13,9 @@ decides what the forward pass keeps per block:
 - `remat=Binomial(slots)` keeps at most `slots` carries and reverses with Griewank's binomial
   schedule (revolve; Griewank 1992, Griewank & Walther 2000), the fewest recomputed steps for that
   memory: r T - beta(slots + 1, r - 1) steps re-run, with beta(s, r) = C(s + r, s) and r the
-  smallest integer with beta(slots, r) >= T (Gruslys et al. 2016 apply it to BPTT).
+  smallest integer with beta(slots, r) >= T (Gruslys et al. 2016 apply it to BPTT). The reverse
+  loop computes each next action of that schedule in closed form as it runs (`Schedule.move`), in a
+  loop of fixed length, so nothing is built per step and the loop can be differentiated again.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class Binomial(NamedTuple):
       block: steps per unit of the schedule; each unit is reversed as one block (its residuals
         recomputed, its parameter gradients as matrix products). None: the engine's block size.
         `block=1` is the classic step-level schedule.
+
+    Gradients, and their own derivatives (`jax.hessian`, grad of grad), equal those of
+    `remat=None` up to float rounding, with every other option.
     """
 
     slots: int
