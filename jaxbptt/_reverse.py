@@ -305,57 +305,43 @@ class _Backward(NamedTuple):
 
 
 def _revolve(bwd: _Backward, plan: Plan, saved, slots, acc):
-    """Run a binomial schedule (`_remat.binomial_schedule`) as one `lax.while_loop` over its actions:
-    advance the current carry over units, store it to or restore it from a snapshot, or reverse the
-    unit at the current position with `_Backward.block`."""
+    """Run a binomial schedule (`_remat.Schedule`) as one `lax.scan` with a static trip count (so
+    that it can itself be differentiated): each iteration may restore the current carry from a
+    snapshot, then reverses the current unit with `_Backward.block` or advances the carry over it,
+    and may store the carry reached."""
     schedule = plan.schedule
     (carry0,) = saved
-    (_, unit, full), *tail = plan.groups
-    tail_length = tail[0][1] if tail else 0
-    ops, first, second = (jnp.asarray(a, jnp.int32) for a in (schedule.ops, schedule.first, schedule.second))
+    unit, tail_length = plan.groups[0][1], plan.groups[-1][1]
     record_shape = jax.eval_shape(lambda: bwd.block(slots, acc, jnp.zeros((), jnp.int32), unit, carry0)[2:])
     buffers = jax.tree.map(lambda a: jnp.zeros((plan.length,) + a.shape[1:], a.dtype), record_shape)
-    snaps = jax.tree.map(lambda c: jnp.zeros((schedule.slots,) + c.shape, c.dtype), carry0)
+    snaps = jax.tree.map(lambda c: jnp.zeros((schedule.slots,) + c.shape, c.dtype).at[0].set(c), carry0)
 
-    def advance(state):
-        i, pos, carry, snaps, slots, acc, buffers = state
-
-        def one_unit(_, pc):
-            pos, carry = pc
-            carry, _, _ = _run_block(bwd.kernel, bwd.params, bwd.consts, carry, slice_time(bwd.xs, pos * unit, unit), bwd.unroll)
-            return pos + 1, carry
-
-        pos, carry = lax.fori_loop(0, first[i], one_unit, (pos, carry))
-        return i, pos, carry, snaps, slots, acc, buffers
-
-    def store(state):
-        i, pos, carry, snaps, slots, acc, buffers = state
-        snaps = jax.tree.map(lambda s, c: s.at[first[i]].set(c), snaps, carry)
-        return i, pos, carry, snaps, slots, acc, buffers
-
-    def restore(state):
-        i, _, _, snaps, slots, acc, buffers = state
-        return i, second[i], jax.tree.map(lambda s: s[first[i]], snaps), snaps, slots, acc, buffers
+    def advance(carry, t0, slots, acc, buffers):
+        carry, _, _ = _run_block(bwd.kernel, bwd.params, bwd.consts, carry, slice_time(bwd.xs, t0, unit), bwd.unroll)
+        return carry, slots, acc, buffers
 
     def reverse(length):
-        def run(state):
-            i, pos, carry, snaps, slots, acc, buffers = state
-            t0 = pos * unit
+        def run(carry, t0, slots, acc, buffers):
             slots, acc, *out = bwd.block(slots, acc, t0, length, carry)
             buffers = jax.tree.map(lambda b, v: lax.dynamic_update_slice_in_dim(b, v, t0, 0), buffers, tuple(out))
-            return i, pos, carry, snaps, slots, acc, buffers
+            return carry, slots, acc, buffers
 
         return run
 
-    branches = [advance, store, restore, reverse(unit), reverse(tail_length or unit)]
+    branches = [advance, reverse(unit)] + ([reverse(tail_length)] if schedule.tail else [])
 
-    def body(state):
-        state = lax.switch(ops[state[0]], branches, state)
-        return (state[0] + 1,) + state[1:]
+    def body(state, _):
+        cursor, carry, snaps, slots, acc, buffers = state
+        move, cursor = schedule.move(cursor)
+        carry = jax.tree.map(lambda s, c: jnp.where(move.restore, s[move.source], c), snaps, carry)
+        branch = jnp.where(move.reverse, 1 + (schedule.tail & (move.unit == schedule.units - 1)), 0)
+        carry, slots, acc, buffers = lax.switch(branch, branches, carry, move.unit * unit, slots, acc, buffers)
+        snaps = jax.tree.map(lambda s, c: s.at[move.destination].set(jnp.where(move.store, c, s[move.destination])),
+                             snaps, carry)
+        return (cursor, carry, snaps, slots, acc, buffers), None
 
-    state = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), carry0, snaps, slots, acc, buffers)
-    _, _, _, _, slots, acc, (dx, record) = lax.while_loop(lambda s: s[0] < len(schedule.ops), body, state)
-    del full
+    state = (schedule.start(), carry0, snaps, slots, acc, buffers)
+    (_, _, _, slots, acc, (dx, record)), _ = lax.scan(body, state, length=schedule.steps)
     return slots, acc, dx, record
 
 
