@@ -8,6 +8,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import jaxbptt as jb
+from jaxbptt import _online_grad
 from steps import mse, problem, scan_loss
 
 T = 8
@@ -98,6 +99,40 @@ def test_snap_pattern_is_found_from_the_step():
     np.testing.assert_allclose(cos[2], 1.0, rtol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["elman", "gru", "two_layer"])
+def test_sparse_snap_equals_masked_dense(name, monkeypatch):
+    """SnAp on its pattern's entries only equals the dense influence masked by the same pattern."""
+    step, loss_fn, params, carry, xs, targets = problem(name, 5, B=2, D=2, H=3)
+    for n in (1, 2):
+        results = {}
+        for sparse in (True, False):
+            monkeypatch.setattr(_online_grad._Sparse, "cheaper_than_dense", lambda self, s=sparse: s)
+            results[sparse] = online(step, loss_fn, jb.SnAp(n))(params, carry, xs, targets)
+        np.testing.assert_allclose(results[True][0][0], results[False][0][0], rtol=1e-12)
+        np.testing.assert_allclose(flat(results[True][1]), flat(results[False][1]), rtol=1e-12, atol=1e-14)
+    # left to choose, SnAp(1) stores only the pattern: for an Elman layer, each unit's fan-in per example
+    monkeypatch.undo()
+    if name == "elman":
+        x = jax.tree.map(lambda a: a[0], xs)
+        tracker = _online_grad.make_tracker(step, loss_fn, jb.SnAp(1), params, carry, x, max_influence_bytes=2**30)
+        trace = tracker.init(flat(params), flat(carry))
+        assert trace.shape == (2 * 3 * (3 + 2 + 1),)  # B x H x (H + D + 1)
+
+
+def test_uoro_keeps_one_estimate_per_example():
+    step, loss_fn, params, carry, xs, _ = problem("elman", T, B=2, D=3, H=3)
+    x = jax.tree.map(lambda a: a[0], xs)
+    trace = _online_grad.make_tracker(step, loss_fn, jb.UORO(), params, carry, x, max_influence_bytes=1).init(
+        flat(params), flat(carry))
+    assert trace[1].shape == (2, flat(params).size)
+    # a step that couples the carry's rows (here the influence-balancing chain) is one example
+    coupled = lambda p, c, x: (c @ p["A"], c[0])
+    params = {"A": jnp.eye(3) + jnp.eye(3, k=1)}
+    trace = _online_grad.make_tracker(coupled, mse, jb.UORO(), params, jnp.zeros(3), None, max_influence_bytes=1).init(
+        flat(params), jnp.zeros(3))
+    assert trace[1].shape == (1, 9)
+
+
 def test_uoro_mean_over_keys_is_exact_bptt():
     step, loss_fn, params, carry, xs, targets = problem("elman", 6, B=2, D=2, H=3)
     ref = flat(exact(step, loss_fn, params, carry, xs, targets)[1])
@@ -125,6 +160,20 @@ def test_float32_rtrl():
     (_, _), grads = online(step, loss_fn, jb.RTRL())(params, carry, xs, targets)
     assert flat(grads).dtype == jnp.float32
     np.testing.assert_allclose(flat(grads), flat(exact(step, loss_fn, params, carry, xs, targets)[1]), rtol=1e-4, atol=1e-6)
+
+
+def test_float64_data_with_float32_params():
+    """Each keeps its dtype: the loss one step's loss dtype, the carry and the params their own."""
+    step, loss_fn, params, carry, xs, targets = problem("elman", 4, B=2, D=2, H=3)
+    params32, carry32 = jax.tree.map(lambda a: a.astype(jnp.float32), (params, carry))
+    (loss, final), grads = jb.online_grad(step, loss_fn, jb.RTRL())(params32, carry32, xs, targets)
+    assert (loss.dtype, flat(final).dtype, flat(grads).dtype) == (jnp.float64, jnp.float32, jnp.float32)
+    (loss_ref, _), grads_ref = exact(step, loss_fn, params, carry, xs, targets)
+    np.testing.assert_allclose(flat(grads), flat(grads_ref), rtol=1e-4, atol=1e-6)
+    trainer = jb.online(step, loss_fn, optax.sgd(0.1), jb.RTRL(), update_every=4)
+    state, losses = trainer.update(trainer.init(params32, carry32), xs, targets)
+    assert (losses.dtype, flat(state.carry).dtype, flat(state.params).dtype) == (jnp.float64, jnp.float32, jnp.float32)
+    np.testing.assert_allclose(losses, [loss_ref], rtol=1e-5)
 
 
 # ---- online training ------------------------------------------------------------------------------
@@ -176,7 +225,7 @@ def test_online_reset_starts_a_new_sequence():
     trainer = jb.online(step, loss_fn, optax.sgd(0.0), jb.RTRL())
     state, _ = trainer.update(trainer.init(params, carry), xs, targets)
     state = trainer.reset(state, carry)
-    assert not bool(jnp.any(state.trace[0]))
+    assert not bool(jnp.any(state.trace))
     # with the learning rate 0, the second sequence's loss is the first's
     _, again = trainer.update(state, xs, targets)
     _, first = trainer.update(trainer.init(params, carry), xs, targets)
@@ -223,6 +272,9 @@ def test_errors():
         jb.online(step, loss_fn, optax.sgd(0.1), jb.RTRL(), update_every=0)
     with pytest.raises(ValueError, match="updates every k1 steps; got update_every=3"):
         jb.online(step, loss_fn, optax.sgd(0.1), jb.TBPTT(2, 4), update_every=3)
+    with pytest.raises(ValueError, match="SnAp's sparsity pattern .* does not close over traced values"):
+        jax.jit(lambda s: jb.online_grad(lambda p, c, x: step(p, s * c, x), loss_fn, jb.SnAp(1))(
+            params, carry, xs, targets))(2.0)
     trainer = jb.online(step, loss_fn, optax.sgd(0.1), jb.RTRL(), update_every=3)
     with pytest.raises(ValueError, match="multiple of update_every=3; xs has 8"):
         trainer.update(trainer.init(params, carry), xs, targets)
