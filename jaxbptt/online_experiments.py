@@ -187,9 +187,11 @@ def plot_training(rows, path: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     window = max(len(rows[0]["losses"]) // 20, 1)
-    for r in rows:
+    for i, r in enumerate(rows):
         smooth = np.convolve(r["losses"], np.ones(window) / window, mode="valid")
-        ax.plot(np.arange(smooth.size) + window, smooth, label=f"{r['method']} ({r['final']:.3g})")
+        # thinner and dashed on top: curves that coincide (RTRL's is exact BPTT's) stay visible
+        ax.plot(np.arange(smooth.size) + window, smooth, linestyle=("-", "--", ":", "-.")[i % 4],
+                linewidth=max(3.0 - 0.45 * i, 0.8), label=f"{r['method']} ({r['final']:.3g})")
     ax.axhline(jb.tasks.ADDING_BASELINE_MSE, color="gray", linestyle="--", label="predict 1 (1/6)")
     r0 = rows[0]
     ax.set(yscale="log", xlabel="batch (one Adam step each)", ylabel=f"MSE, moving mean of {window}",
