@@ -14,9 +14,9 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
-import numpy as np
 
 from . import _validate as v
 from ._api import check_call, loss_dtype, value_and_grad, zero_length_result
@@ -234,18 +234,19 @@ def _generic(tree, seed, fill=0):
     for i, leaf in enumerate(leaves):
         shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
         if jnp.issubdtype(dtype, jnp.floating):
-            phase = jnp.arange(np.prod(shape, dtype=int), dtype=dtype).reshape(shape) * 0.6180339887 + (seed * 7.31 + i * 1.37)
+            phase = jnp.arange(np.prod(shape, dtype=int), dtype=dtype).reshape(shape) * 0.6180339887
+            phase = phase + (seed * 7.31 + i * 1.37)
             out.append(0.1 * jnp.cos(phase * 2.7182818))
         else:
             out.append(jnp.full(shape, fill, dtype))
     return jax.tree.unflatten(structure, out)
 
 
-def _concrete(name, fn, *args):
-    """`fn(*args)` as NumPy at trace time: the static structure the sparse layouts are built on."""
+def _concrete(name, fn):
+    """`fn()` as NumPy at trace time: the static structure the sparse layouts are built on."""
     try:
         with jax.ensure_compile_time_eval():
-            return jax.tree.map(np.asarray, fn(*args))
+            return jax.tree.map(np.asarray, fn())
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError) as e:
         raise ValueError(f"{name} is found from the step at generic points at trace time, which needs a step that "
                          "does not close over traced values (pass them in params or xs instead).") from e
@@ -265,7 +266,7 @@ def _pattern(flat_step, method: SnAp, theta, c, x):
         return immediate.T != 0, carry_jac != 0
 
     immediate, carry_pattern = _concrete("SnAp's sparsity pattern", lambda: jax.tree.map(
-        lambda *a: np.logical_or.reduce(a), *[jacobians(d) for d in range(method.draws)]))
+        lambda *a: jnp.any(jnp.stack(a), axis=0), *[jacobians(d) for d in range(method.draws)]))
     mask = immediate
     for _ in range(method.n - 1):
         mask = immediate | (mask.astype(np.int64) @ carry_pattern.T.astype(np.int64) > 0)
@@ -274,7 +275,7 @@ def _pattern(flat_step, method: SnAp, theta, c, x):
 
 def _color(conflicts) -> np.ndarray:
     """A greedy colouring of a symmetric boolean conflict matrix: nodes of one colour never conflict."""
-    colors = np.full(conflicts.shape[0], -1)
+    colors = np.full(conflicts.shape[0], -1, np.int32)
     for node in range(conflicts.shape[0]):
         taken = colors[conflicts[node] & (colors >= 0)]
         colors[node] = np.setdiff1d(np.arange(taken.size + 1), taken)[0]
@@ -304,7 +305,8 @@ class _Sparse(NamedTuple):
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         width = max(int(counts.max(initial=0)), 1)
         offsets = np.arange(width)[None]
-        same_row = np.where(offsets < counts[rows][:, None], starts[rows][:, None] + offsets, rows.size).astype(np.int32)
+        same_row = np.where(offsets < counts[rows][:, None], starts[rows][:, None] + offsets, rows.size)
+        same_row = same_row.astype(np.int32)
         padded_cols = np.concatenate([cols, [0]])[same_row]
         d_live = carry_pattern[cols[:, None], padded_cols] & (same_row < rows.size)
         m = mask.astype(np.int64)
@@ -322,7 +324,7 @@ def _sparse_tracker(flat_step, step_and_loss, sp: _Sparse, unravel_params, unrav
     """SnAp's update `J_t = M * (D_t J_{t-1} + I_t)` on the pattern's entries only: for entry
     e = (p, j), `sum_{k in row p} D[j, k] J[p, k] + I[p, j]`, since J_{t-1} is zero off the
     pattern. Equals the masked dense update, for a pattern that holds the step's non-zeros."""
-    nnz, n_carry = sp.rows.size, sp.d_colors.size
+    nnz = sp.rows.size
     d_tangents = jnp.asarray(sp.d_colors[None] == np.arange(sp.d_colors.max(initial=0) + 1)[:, None])
     i_cotangents = jnp.asarray(sp.i_colors[None] == np.arange(sp.i_colors.max(initial=0) + 1)[:, None])
     d_at = (sp.d_colors[np.concatenate([sp.cols, [0]])[sp.same_row]], sp.cols[:, None])
@@ -334,7 +336,8 @@ def _sparse_tracker(flat_step, step_and_loss, sp: _Sparse, unravel_params, unrav
         # dL_t/dcarry_{t-1} . J_{t-1}, summed into each entry's parameter
         grad = g_theta + jax.ops.segment_sum(g_c[sp.cols] * influence, sp.rows, theta.size)
         # column sums of D and rows of I over each colour: no two members meet, so each sum is one entry
-        d_sums = jax.vmap(lambda t: jax.jvp(lambda cc: flat_step(theta, cc, x)[0], (c,), (t.astype(c.dtype),))[1])(d_tangents)
+        carry_tangent = lambda t: jax.jvp(lambda cc: flat_step(theta, cc, x)[0], (c,), (t.astype(c.dtype),))[1]
+        d_sums = jax.vmap(carry_tangent)(d_tangents)
         i_sums = jax.vmap(lambda m: vjp((m.astype(new.dtype), jnp.zeros_like(loss)))[0])(i_cotangents)
         padded = jnp.concatenate([influence, jnp.zeros((1,), influence.dtype)])
         propagated = jnp.sum(jnp.where(sp.d_live, d_sums[d_at], 0) * padded[sp.same_row], axis=1)
@@ -352,11 +355,11 @@ def _examples(flat_step, carry, theta, c, x):
     leaves = jax.tree.leaves(carry)
     sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else 0 for leaf in leaves}
     rows = sizes.pop() if len(sizes) == 1 else 0
-    one = np.zeros(c.size, np.int64), 1
+    one = np.zeros(c.size, np.int32), 1
     if rows < 2:
         return one
     ids = np.concatenate([np.broadcast_to(np.arange(rows).reshape((rows,) + (1,) * (jnp.ndim(leaf) - 1)),
-                                          jnp.shape(leaf)).ravel() for leaf in leaves])
+                                          jnp.shape(leaf)).ravel() for leaf in leaves]).astype(np.int32)
     bits = [(ids >> b) & 1 == side for b in range(int(rows - 1).bit_length()) for side in (0, 1)]
 
     def leaks():
@@ -430,7 +433,8 @@ def online_grad(
             raise ValueError("online_grad with method=jb.UORO() needs key=jax.random.key(...) (its random signs); got key=None.")
         length, carry = check_call(step, loss_fn, 0, params, carry, xs, targets)
         if length == 0:
-            return zero_length_result(0, params, carry, xs, False, loss_dtype(step, loss_fn, params, carry, xs, targets))
+            dtype = loss_dtype(step, loss_fn, params, carry, xs, targets)
+            return zero_length_result(0, params, carry, xs, False, dtype)
         tracker = make_tracker(step, loss_fn, method, params, carry, v.first_step(xs),
                                max_influence_bytes=max_influence_bytes)
         theta, c = ravel_pytree(params)[0], ravel_pytree(carry)[0]

@@ -14,7 +14,8 @@ from jax.flatten_util import ravel_pytree
 from . import _validate as v
 from ._api import check_call, loss_dtype
 from ._online import online_tbptt
-from ._online_grad import DEFAULT_MAX_INFLUENCE_BYTES, TBPTT, UORO, check_influence, check_max_bytes, check_method, make_tracker
+from ._online_grad import (DEFAULT_MAX_INFLUENCE_BYTES, TBPTT, UORO, check_influence, check_max_bytes, check_method,
+                           make_tracker)
 from ._types import LossFn, PyTree, StepFn
 
 
