@@ -3,8 +3,9 @@
 Each method carries forward an estimate of the influence `J_t = d carry_t / d params` and adds, at
 every step, `dL_t/dparams ~= dL_t/dparams|immediate + dL_t/dcarry_{t-1} . J_{t-1}`. Parameters and
 carries of any pytree structure are flattened with `ravel_pytree`: the carry is one vector
-(batch included), so the influence has |carry| rows -- for a carry of B examples of H units,
-B blocks of H x |params|, one per example, since examples do not interact.
+(batch included), so RTRL's influence has |carry| rows -- for a carry of B examples of H units,
+B blocks of H x |params|, one per example, since examples do not interact. SnAp stores only its
+pattern's entries where that is cheaper; UORO keeps one rank-one estimate per example.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from . import _validate as v
-from ._api import check_call, value_and_grad, zero_length_result
+from ._api import check_call, loss_dtype, value_and_grad, zero_length_result
 from ._types import LossFn, PyTree, StepFn
 
 DEFAULT_MAX_INFLUENCE_BYTES = 2**30
@@ -35,13 +37,21 @@ class SnAp(NamedTuple):
     (ICLR 2021): RTRL's update with the influence kept only on the entries that are non-zero after n
     steps of the recursion from zero influence, `J_t = M_n * (D_t J_{t-1} + I_t)`.
 
-    The pattern `M_n` is found from the step itself: the exact influence after n steps from zero,
-    evaluated at `draws` generic points (small deterministic pseudo-random params, carries and float
-    inputs, so nothing saturates) and OR'ed, so piecewise-linear steps (ReLU) do not lose entries
-    by chance. Integer inputs keep the sequence's first input. SnAp(1) keeps
-    the pattern of the immediate Jacobian `I_t`; it equals RTRL when the carry Jacobian is
-    diagonal. This implementation masks a dense influence: it shows SnAp's gradient, not its
-    savings (a sparse SnAp-1 costs O(H^2) per step for a dense Elman layer).
+    The pattern `M_n` is found from the step itself, at trace time: the structural non-zeros of the
+    immediate Jacobian `I` and of the carry Jacobian `D` at `draws` generic points (small
+    deterministic params, carries and float inputs, so nothing saturates; OR'ed, so piecewise-linear
+    steps such as ReLU do not lose entries by chance), then `M_1 = pattern(I)`,
+    `M_{k+1} = M_1 | M_k pattern(D)^T`. SnAp(1) equals RTRL when the carry Jacobian is diagonal.
+    Flag and index inputs are taken as 0 and 1 in turn: one-hot an input that indexes an embedding.
+
+    Where it is cheaper (SnAp(1) on a dense layer: each parameter reaches its own unit), only the
+    pattern's entries are stored (for an Elman layer of H units with D inputs, H x (H + D + 1) per
+    example instead of RTRL's H x |params|) and updated, `D_t J_{t-1}` from the carry Jacobian's
+    columns (one forward pass per colour of a colouring of D's columns: H for a dense layer) and
+    `I_t` from one reverse pass per colour of the units (one per example for a dense layer); this
+    equals the masked dense update. Time per step is then O(H^3) per example for a dense layer,
+    the H passes that read D (a generic step offers its Jacobian only through such passes), against
+    RTRL's O(H^4). Denser patterns (SnAp(2) of a dense layer is RTRL) keep the dense influence.
 
     Attributes:
       n: steps of the sparsity pattern, >= 1.
@@ -63,8 +73,11 @@ class UORO(NamedTuple):
       s~      = rho0 s~' + rho1 nu,                     theta~ = theta~ / rho0 + dtheta / rho1
 
     The rho scaling balances the two factors' norms, which minimises the variance among such
-    rescalings. The whole carry (batch included) is one vector with one `s~`, as in the authors'
-    reference code; needs `key`. Memory |carry| + |params|, time about two steps per step.
+    rescalings. Each example of a batch has its own `s~`, `theta~` and signs `nu`, as the method is
+    stated for one sequence: the examples are the rows of the carry's leading axis (every carry
+    leaf's, of one size) when the step does not couple them (checked at trace time at a generic
+    point), else the whole carry is one. Needs `key`. Memory |carry| + examples x |params|; time per
+    step one forward, one tangent and one reverse pass per example.
 
     Attributes:
       eps: the stabilising epsilon of the rho scaling.
@@ -105,8 +118,9 @@ def check_max_bytes(max_influence_bytes) -> None:
 
 class Tracker(NamedTuple):
     """A method's forward recursion over flat params `theta` and flat carry `c`:
-    `trace = init(theta, c, x, target)` (one step's x and target, for shapes), `trace, c, loss, g = advance(theta, trace, c, x, target, key)`;
-    `ravel`/`unravel_*` convert between pytrees and the flat vectors."""
+    `trace = init(theta, c)`, `trace, c, loss, g = advance(theta, trace, c, x, target, key)`;
+    `unravel_*` convert the flat vectors back to pytrees. The trace is a pytree of float arrays
+    whose zero is the state of a new sequence; index tables are static, closed over."""
 
     init: Callable
     advance: Callable
@@ -121,10 +135,31 @@ def _floats_only(name, tree):
                             f"has dtype {jnp.result_type(leaf)}.")
 
 
-def make_tracker(step, loss_fn, method, params, carry, *, max_influence_bytes) -> Tracker:
-    """The forward recursion of `method` for this step's parameter and carry shapes."""
+def check_influence(method, params, carry, *, max_influence_bytes) -> None:
+    """Float params and carry; for RTRL and SnAp, an influence matrix within max_influence_bytes."""
     _floats_only("params", params)
     _floats_only("carry", carry)
+    if not isinstance(method, (RTRL, SnAp)):
+        return
+    theta, c = ravel_pytree(params)[0], ravel_pytree(carry)[0]
+    n_params, n_carry = theta.size, c.size
+    # the dense influence and the identity its forward-mode rows start from; SnAp finds its
+    # pattern from a dense Jacobian of the same size once, at trace time
+    need = jnp.dtype(jnp.result_type(theta, c)).itemsize * n_params * (n_carry + n_params)
+    if need > max_influence_bytes:
+        raise ValueError(
+            f"{type(method).__name__}'s influence matrix d carry / d params holds |carry| x |params| = "
+            f"{n_carry} x {n_params} entries (with the {n_params} x {n_params} identity its columns start from, "
+            f"{need / 2**20:.1f} MiB), above max_influence_bytes={max_influence_bytes} "
+            f"({max_influence_bytes / 2**20:.1f} MiB). Use a smaller model or batch, jb.UORO(), "
+            "or raise max_influence_bytes."
+        )
+
+
+def make_tracker(step, loss_fn, method, params, carry, x, *, max_influence_bytes) -> Tracker:
+    """The forward recursion of `method` for this step's parameter and carry shapes (`x`: one
+    step's input, for SnAp's pattern and UORO's examples)."""
+    check_influence(method, params, carry, max_influence_bytes=max_influence_bytes)
     theta0, unravel_params = ravel_pytree(params)
     c0, unravel_carry = ravel_pytree(carry)
     n_params, n_carry = theta0.size, c0.size
@@ -140,94 +175,200 @@ def make_tracker(step, loss_fn, method, params, carry, *, max_influence_bytes) -
         return f
 
     if isinstance(method, (RTRL, SnAp)):
-        # influence rows are parameters: J[p] = d carry / d theta_p, started from the one-hot tangents
-        itemsize = jnp.dtype(jnp.result_type(theta0, c0)).itemsize
-        need = itemsize * n_params * (n_carry + n_params)
-        if need > max_influence_bytes:
-            raise ValueError(
-                f"{type(method).__name__}'s influence matrix d carry / d params holds |carry| x |params| = "
-                f"{n_carry} x {n_params} entries (with the {n_params} x {n_params} identity its columns start from, "
-                f"{need / 2**20:.1f} MiB), above max_influence_bytes={max_influence_bytes} "
-                f"({max_influence_bytes / 2**20:.1f} MiB). Use a smaller model or batch, jb.UORO(), "
-                "or raise max_influence_bytes."
-            )
+        mask = None
+        if isinstance(method, SnAp):
+            mask, carry_pattern = _pattern(flat_step, method, theta0, c0, x)
+            sparse = _Sparse.build(mask, carry_pattern)
+            if sparse.cheaper_than_dense():
+                return _sparse_tracker(flat_step, step_and_loss, sparse, unravel_params, unravel_carry)
 
-        def propagate(theta, influence, c, x, target):
+        def rtrl_advance(theta, influence, c, x, target, key):
             (new, loss), lin = jax.linearize(step_and_loss(x, target), theta, c)
             eye = jnp.eye(n_params, dtype=theta.dtype)
             # row p: the tangent of (carry, loss) along theta_p, with the carry's tangent J_{t-1}[p]
             new_influence, grad = jax.vmap(lin)(eye, influence)
+            if mask is not None:
+                new_influence = jnp.where(mask, new_influence, 0)
             # inputs of a wider dtype than params or carry must not widen the recursion's state
             return new_influence.astype(influence.dtype), new, loss, grad.astype(theta.dtype)
 
-        def rtrl_advance(theta, trace, c, x, target, key):
-            influence, mask = trace
-            influence, new, loss, grad = propagate(theta, influence, c, x, target)
-            if mask is not None:
-                influence = jnp.where(mask, influence, 0)
-            return (influence, mask), new, loss, grad
+        return Tracker(lambda theta, c: jnp.zeros((n_params, n_carry), c.dtype), rtrl_advance,
+                       unravel_params, unravel_carry)
 
-        def init(theta, c, x, target):
-            zeros = jnp.zeros((n_params, n_carry), c.dtype)
-            if isinstance(method, RTRL):
-                return zeros, None
-            return zeros, _pattern(propagate, method, theta, c, x, target)
+    ids, n_blocks = _examples(flat_step, carry, theta0, c0, x)
+    block_masks = jnp.asarray(ids[None] == np.arange(n_blocks)[:, None])
 
-        return Tracker(init, rtrl_advance, unravel_params, unravel_carry)
+    def block_norms(a):
+        return jnp.sqrt(jax.ops.segment_sum(a * a, ids, n_blocks))
 
-    def uoro_init(theta, c, x, target):
-        return jnp.zeros_like(c), jnp.zeros_like(theta)
+    def uoro_init(theta, c):
+        return jnp.zeros_like(c), jnp.zeros((n_blocks, theta.size), theta.dtype)
 
     def uoro_advance(theta, trace, c, x, target, key):
         s, th = trace
         eps = method.eps
         (new, loss), vjp = jax.vjp(step_and_loss(x, target), theta, c)
         g_theta, g_c = vjp((jnp.zeros_like(new), jnp.ones_like(loss)))
-        grad = (g_theta + jnp.vdot(g_c, s) * th).astype(theta.dtype)
+        grad = (g_theta + jax.ops.segment_sum(g_c * s, ids, n_blocks) @ th).astype(theta.dtype)
         _, s_new = jax.jvp(lambda cc: flat_step(theta, cc, x)[0], (c,), (s,))
         nu = jax.random.rademacher(key, c.shape, c.dtype)
-        d_theta = vjp((nu, jnp.zeros_like(loss)))[0]
-        rho0 = jnp.sqrt(jnp.linalg.norm(th) / (jnp.linalg.norm(s_new) + eps)) + eps
-        rho1 = jnp.sqrt(jnp.linalg.norm(d_theta) / (jnp.linalg.norm(nu) + eps)) + eps
-        trace = ((rho0 * s_new + rho1 * nu).astype(s.dtype), (th / rho0 + d_theta / rho1).astype(th.dtype))
-        return trace, new, loss, grad
+        # each example's own nu^T I_t: one reverse pass per example (the step mixes the batch's
+        # parameter gradients, so they cannot be told apart from one pass)
+        d_theta = jax.vmap(lambda m: vjp((jnp.where(m, nu, 0), jnp.zeros_like(loss)))[0])(block_masks)
+        rho0 = jnp.sqrt(jnp.linalg.norm(th, axis=1) / (block_norms(s_new) + eps)) + eps
+        rho1 = jnp.sqrt(jnp.linalg.norm(d_theta, axis=1) / (block_norms(nu) + eps)) + eps
+        s = (rho0[ids] * s_new + rho1[ids] * nu).astype(s.dtype)
+        th = (th / rho0[:, None] + d_theta / rho1[:, None]).astype(th.dtype)
+        return (s, th), new, loss, grad
 
     return Tracker(uoro_init, uoro_advance, unravel_params, unravel_carry)
 
 
-def _generic(tree, seed):
+def _generic(tree, seed, fill=0):
     """Deterministic generic values in [-0.1, 0.1] shaped like `tree`'s float leaves (cosines of an
-    irrational stride, cheaper to compile than a random number generator). Small, so that no
-    activation saturates: a saturated tanh has an exactly zero derivative in float32, which would
-    read as a structural zero."""
+    irrational stride, cheaper to compile than a random number generator); other leaves (flags,
+    indices) all `fill`. Small, so that no activation saturates: a saturated tanh has an exactly
+    zero derivative in float32, which would read as a structural zero."""
     leaves, structure = jax.tree.flatten(tree)
     out = []
     for i, leaf in enumerate(leaves):
-        if jnp.issubdtype(leaf.dtype, jnp.floating):
-            phase = jnp.arange(leaf.size, dtype=leaf.dtype).reshape(leaf.shape) * 0.6180339887 + (seed * 7.31 + i * 1.37)
-            leaf = 0.1 * jnp.cos(phase * 2.7182818)
-        out.append(leaf)
+        shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
+        if jnp.issubdtype(dtype, jnp.floating):
+            phase = jnp.arange(np.prod(shape, dtype=int), dtype=dtype).reshape(shape) * 0.6180339887
+            phase = phase + (seed * 7.31 + i * 1.37)
+            out.append(0.1 * jnp.cos(phase * 2.7182818))
+        else:
+            out.append(jnp.full(shape, fill, dtype))
     return jax.tree.unflatten(structure, out)
 
 
-def _pattern(propagate, method: SnAp, theta, c, x, target):
-    """SnAp's mask: entries of the exact influence that are non-zero after n steps from zero, at
-    `draws` generic points (params, carry and float inputs replaced by generic values; a zero there
-    is a structural zero, up to piecewise-linear steps such as ReLU, which the several draws cover)."""
-    mask = jnp.zeros((theta.size, c.size), bool)
-    for d in range(method.draws):
-        theta_r = _generic(theta, 3 * d)
+def _concrete(name, fn):
+    """`fn()` as NumPy at trace time: the static structure the sparse layouts are built on."""
+    try:
+        with jax.ensure_compile_time_eval():
+            return jax.tree.map(np.asarray, fn())
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError) as e:
+        raise ValueError(f"{name} is found from the step at generic points at trace time, which needs a step that "
+                         "does not close over traced values (pass them in params or xs instead).") from e
 
-        def one_step(state, seed):
-            influence, c_r = state
-            influence, c_r, _, _ = propagate(theta_r, influence, c_r, _generic(x, seed), target)
-            return (influence, c_r), None
 
-        start = (jnp.zeros_like(mask, c.dtype), _generic(jnp.zeros_like(c), 3 * d + 1))
-        seeds = jnp.arange(method.n, dtype=c.dtype) + 3 * d + 2
-        (influence, _), _ = lax.scan(one_step, start, seeds)
-        mask = mask | (influence != 0)
-    return mask
+def _pattern(flat_step, method: SnAp, theta, c, x):
+    """SnAp's mask (|params| x |carry|, NumPy) and the carry Jacobian's pattern (|carry| x |carry|):
+    the structural non-zeros of the influence after n steps from zero, `M_1 = pattern(I)`,
+    `M_{k+1} = M_1 | M_k pattern(D)^T`, with the Jacobians' patterns OR'ed over `draws` generic
+    points (params, carry and float inputs generic; flag and index inputs 0 and 1 in turn), so
+    piecewise-linear steps (ReLU) do not lose entries by chance. An input used as an index (an
+    embedding's token) should be one-hot for SnAp: the pattern sees the indices 0 and 1 only."""
+
+    def jacobians(d):
+        jac = jax.jacrev(lambda th, cc: flat_step(th, cc, _generic(x, 3 * d + 2, d % 2))[0], argnums=(0, 1))
+        immediate, carry_jac = jac(_generic(theta, 3 * d), _generic(c, 3 * d + 1))
+        return immediate.T != 0, carry_jac != 0
+
+    immediate, carry_pattern = _concrete("SnAp's sparsity pattern", lambda: jax.tree.map(
+        lambda *a: jnp.any(jnp.stack(a), axis=0), *[jacobians(d) for d in range(method.draws)]))
+    mask = immediate
+    for _ in range(method.n - 1):
+        mask = immediate | (mask.astype(np.int64) @ carry_pattern.T.astype(np.int64) > 0)
+    return mask, carry_pattern
+
+
+def _color(conflicts) -> np.ndarray:
+    """A greedy colouring of a symmetric boolean conflict matrix: nodes of one colour never conflict."""
+    colors = np.full(conflicts.shape[0], -1, np.int32)
+    for node in range(conflicts.shape[0]):
+        taken = colors[conflicts[node] & (colors >= 0)]
+        colors[node] = np.setdiff1d(np.arange(taken.size + 1), taken)[0]
+    return colors
+
+
+class _Sparse(NamedTuple):
+    """SnAp's influence stored on its pattern only: entry e is (param rows[e], carry cols[e]).
+    `same_row[e]` lists the entries of row rows[e] (padded with nnz, an always-zero slot), where
+    `D_t J_{t-1}` at e needs the carry Jacobian D[cols[e], cols[same_row[e]]] (`d_live`: the
+    pattern of D there). D comes from one forward pass per colour of `d_colors` (columns of D
+    whose rows do not meet share a pass), the immediate Jacobian I from one reverse pass per
+    colour of `i_colors` (carry units with disjoint parameter sets share a pass)."""
+
+    n_params: int
+    rows: np.ndarray
+    cols: np.ndarray
+    same_row: np.ndarray
+    d_live: np.ndarray
+    d_colors: np.ndarray
+    i_colors: np.ndarray
+
+    @staticmethod
+    def build(mask, carry_pattern) -> "_Sparse":
+        rows, cols = (a.astype(np.int32) for a in np.nonzero(mask))  # row-major: each row's entries are contiguous
+        counts = mask.sum(1)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        width = max(int(counts.max(initial=0)), 1)
+        offsets = np.arange(width)[None]
+        same_row = np.where(offsets < counts[rows][:, None], starts[rows][:, None] + offsets, rows.size)
+        same_row = same_row.astype(np.int32)
+        padded_cols = np.concatenate([cols, [0]])[same_row]
+        d_live = carry_pattern[cols[:, None], padded_cols] & (same_row < rows.size)
+        m = mask.astype(np.int64)
+        d_colors = _color(carry_pattern.T.astype(np.int64) @ carry_pattern.astype(np.int64) > 0)
+        i_colors = _color(m.T @ m > 0)
+        return _Sparse(mask.shape[0], rows, cols, same_row, d_live, d_colors, i_colors)
+
+    def cheaper_than_dense(self) -> bool:
+        """The gathers and passes cost less than the dense update's one forward pass per parameter."""
+        passes = self.d_colors.max(initial=0) + self.i_colors.max(initial=0) + 3
+        return self.same_row.size < self.n_params * self.d_colors.size and passes < self.n_params
+
+
+def _sparse_tracker(flat_step, step_and_loss, sp: _Sparse, unravel_params, unravel_carry) -> Tracker:
+    """SnAp's update `J_t = M * (D_t J_{t-1} + I_t)` on the pattern's entries only: for entry
+    e = (p, j), `sum_{k in row p} D[j, k] J[p, k] + I[p, j]`, since J_{t-1} is zero off the
+    pattern. Equals the masked dense update, for a pattern that holds the step's non-zeros."""
+    nnz = sp.rows.size
+    d_tangents = jnp.asarray(sp.d_colors[None] == np.arange(sp.d_colors.max(initial=0) + 1)[:, None])
+    i_cotangents = jnp.asarray(sp.i_colors[None] == np.arange(sp.i_colors.max(initial=0) + 1)[:, None])
+    d_at = (sp.d_colors[np.concatenate([sp.cols, [0]])[sp.same_row]], sp.cols[:, None])
+    i_at = (sp.i_colors[sp.cols], sp.rows)
+
+    def advance(theta, influence, c, x, target, key):
+        (new, loss), vjp = jax.vjp(step_and_loss(x, target), theta, c)
+        g_theta, g_c = vjp((jnp.zeros_like(new), jnp.ones_like(loss)))
+        # dL_t/dcarry_{t-1} . J_{t-1}, summed into each entry's parameter
+        grad = g_theta + jax.ops.segment_sum(g_c[sp.cols] * influence, sp.rows, theta.size)
+        # column sums of D and rows of I over each colour: no two members meet, so each sum is one entry
+        carry_tangent = lambda t: jax.jvp(lambda cc: flat_step(theta, cc, x)[0], (c,), (t.astype(c.dtype),))[1]
+        d_sums = jax.vmap(carry_tangent)(d_tangents)
+        i_sums = jax.vmap(lambda m: vjp((m.astype(new.dtype), jnp.zeros_like(loss)))[0])(i_cotangents)
+        padded = jnp.concatenate([influence, jnp.zeros((1,), influence.dtype)])
+        propagated = jnp.sum(jnp.where(sp.d_live, d_sums[d_at], 0) * padded[sp.same_row], axis=1)
+        new_influence = (propagated + i_sums[i_at]).astype(influence.dtype)
+        return new_influence, new, loss, grad.astype(theta.dtype)
+
+    return Tracker(lambda theta, c: jnp.zeros((nnz,), c.dtype), advance, unravel_params, unravel_carry)
+
+
+def _examples(flat_step, carry, theta, c, x):
+    """UORO's independent examples: the rows of the carry's leading axis (every leaf's, of one
+    size) when the step does not couple them (checked at a generic point with 2 log2(rows) forward
+    passes: rows whose index has bit b set, then clear, must not reach the others), else one.
+    Returns each flat carry entry's example and the number of examples."""
+    leaves = jax.tree.leaves(carry)
+    sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else 0 for leaf in leaves}
+    rows = sizes.pop() if len(sizes) == 1 else 0
+    one = np.zeros(c.size, np.int32), 1
+    if rows < 2:
+        return one
+    ids = np.concatenate([np.broadcast_to(np.arange(rows).reshape((rows,) + (1,) * (jnp.ndim(leaf) - 1)),
+                                          jnp.shape(leaf)).ravel() for leaf in leaves]).astype(np.int32)
+    bits = [(ids >> b) & 1 == side for b in range(int(rows - 1).bit_length()) for side in (0, 1)]
+
+    def leaks():
+        f = lambda cc: flat_step(_generic(theta, 0), cc, _generic(x, 2))[0]
+        c_r = _generic(c, 1)
+        return [jnp.any(jnp.where(sel, 0, jax.jvp(f, (c_r,), (jnp.where(sel, 1, 0).astype(c.dtype),))[1]) != 0)
+                for sel in bits]
+
+    return one if any(_concrete("UORO's examples", leaks)) else (ids, rows)
 
 
 def online_grad(
@@ -292,21 +433,24 @@ def online_grad(
             raise ValueError("online_grad with method=jb.UORO() needs key=jax.random.key(...) (its random signs); got key=None.")
         length, carry = check_call(step, loss_fn, 0, params, carry, xs, targets)
         if length == 0:
-            return zero_length_result(0, params, carry, xs, False)
-        tracker = make_tracker(step, loss_fn, method, params, carry, max_influence_bytes=max_influence_bytes)
+            dtype = loss_dtype(step, loss_fn, params, carry, xs, targets)
+            return zero_length_result(0, params, carry, xs, False, dtype)
+        tracker = make_tracker(step, loss_fn, method, params, carry, v.first_step(xs),
+                               max_influence_bytes=max_influence_bytes)
         theta, c = ravel_pytree(params)[0], ravel_pytree(carry)[0]
-        first = jax.tree.map(lambda a: a[0], (xs, targets))
-        trace = tracker.init(theta, c, *first)
         keys = jax.random.split(key, length) if key is not None else jnp.zeros((length,))
+        # the summed loss keeps one step's loss dtype (as value_and_grad's), the carry its own dtype
+        # and the gradient the params' dtype, whatever the dtype of the data
+        loss_type = loss_dtype(step, loss_fn, params, carry, xs, targets)
 
         def body(state, inputs):
             trace, c, loss, grad = state
             x, target, k = inputs
             trace, c, step_loss, step_grad = tracker.advance(theta, trace, c, x, target, k)
-            return (trace, c, loss + step_loss.astype(loss.dtype), grad + step_grad), None
+            return (trace, c, loss + step_loss.astype(loss_type), grad + step_grad), None
 
-        loss0 = jnp.zeros((), jnp.promote_types(theta.dtype, jnp.float32))
-        (_, c, loss, grad), _ = lax.scan(body, (trace, c, loss0, jnp.zeros_like(theta)), (xs, targets, keys))
+        start = (tracker.init(theta, c), c, jnp.zeros((), loss_type), jnp.zeros_like(theta))
+        (_, c, loss, grad), _ = lax.scan(body, start, (xs, targets, keys))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), tracker.unravel_params(grad), params)
         return (loss, tracker.unravel_carry(c)), grads
 

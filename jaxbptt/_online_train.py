@@ -12,9 +12,10 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from . import _validate as v
-from ._api import check_call
+from ._api import check_call, loss_dtype
 from ._online import online_tbptt
-from ._online_grad import DEFAULT_MAX_INFLUENCE_BYTES, TBPTT, UORO, check_max_bytes, check_method, make_tracker
+from ._online_grad import (DEFAULT_MAX_INFLUENCE_BYTES, TBPTT, UORO, check_influence, check_max_bytes, check_method,
+                           make_tracker)
 from ._types import LossFn, PyTree, StepFn
 
 
@@ -25,8 +26,10 @@ class OnlineGradState(NamedTuple):
       params: the parameters, updated every `update_every` steps.
       opt_state: the optimizer's state.
       carry: the carry entering the next step.
-      trace: the method's forward state (RTRL / SnAp: the influence, shape=(|params|, |carry|), and
-        SnAp's mask; UORO: the pair (s~, theta~)); None before the first `update`.
+      trace: the method's forward state, None before the first `update`: RTRL's influence,
+        shape=(|params|, |carry|); SnAp's, the same or, where its pattern is sparse enough, only the
+        pattern's entries, shape=(nnz,); UORO's pair (s~ shape=(|carry|,), theta~
+        shape=(examples, |params|)).
       key: the UORO key (None for the other methods), folded with the step count at every step.
       steps: shape=(), dtype=int32, steps processed so far.
     """
@@ -109,13 +112,13 @@ def online(
         return _tbptt(step, loss_fn, optimizer, method, update_every)
     every = update_every or 1
 
-    def tracker_for(params, carry):
-        return make_tracker(step, loss_fn, method, params, carry, max_influence_bytes=max_influence_bytes)
+    def tracker_for(params, carry, x):
+        return make_tracker(step, loss_fn, method, params, carry, x, max_influence_bytes=max_influence_bytes)
 
     def init(params: PyTree, carry: PyTree, key: Optional[jax.Array] = None) -> OnlineGradState:
         if isinstance(method, UORO) and key is None:
             raise ValueError("online with method=jb.UORO() needs init(..., key=jax.random.key(...)); got key=None.")
-        tracker_for(params, carry)  # the size and dtype checks, before any data
+        check_influence(method, params, carry, max_influence_bytes=max_influence_bytes)  # before any data
         return OnlineGradState(params, optimizer.init(params), carry, None, key, jnp.zeros((), jnp.int32))
 
     def update(state: OnlineGradState, xs: PyTree, targets: PyTree) -> tuple[OnlineGradState, jax.Array]:
@@ -123,23 +126,25 @@ def online(
         if length % every:
             raise ValueError(f"online.update needs a number of steps that is a multiple of update_every={every}; "
                              f"xs has {length}.")
-        tracker = tracker_for(state.params, carry)
+        tracker = tracker_for(state.params, carry, v.first_step(xs))
         c = ravel_pytree(carry)[0]
         trace = state.trace
         if trace is None:
-            trace = tracker.init(ravel_pytree(state.params)[0], c, *jax.tree.map(lambda a: a[0], (xs, targets)))
+            trace = tracker.init(ravel_pytree(state.params)[0], c)
+        # the chunk's loss keeps one step's loss dtype, the carry and the params their own
+        loss_type = loss_dtype(step, loss_fn, state.params, carry, xs, targets)
 
         def one_step(inner, inputs):
             theta, trace, c, steps, loss, grad = inner
             x, target = inputs
             key = jax.random.fold_in(state.key, steps) if state.key is not None else None
             trace, c, step_loss, step_grad = tracker.advance(theta, trace, c, x, target, key)
-            return (theta, trace, c, steps + 1, loss + step_loss, grad + step_grad), None
+            return (theta, trace, c, steps + 1, loss + step_loss.astype(loss_type), grad + step_grad), None
 
         def chunk(outer, inputs):
             params, opt_state, trace, c, steps = outer
             theta = ravel_pytree(params)[0]
-            start = (theta, trace, c, steps, jnp.zeros((), jnp.promote_types(theta.dtype, jnp.float32)),
+            start = (theta, trace, c, steps, jnp.zeros((), loss_type),
                      jnp.zeros_like(theta))
             (_, trace, c, steps, loss, grad), _ = lax.scan(one_step, start, inputs)
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), tracker.unravel_params(grad), params)
@@ -152,7 +157,7 @@ def online(
         return OnlineGradState(params, opt_state, tracker.unravel_carry(c), trace, state.key, steps), losses
 
     def reset(state: OnlineGradState, carry: PyTree) -> OnlineGradState:
-        trace = jax.tree.map(lambda a: a if a.dtype == bool else jnp.zeros_like(a), state.trace)
+        trace = jax.tree.map(jnp.zeros_like, state.trace)
         return state._replace(carry=carry, trace=trace)
 
     return Online(init, update, reset)

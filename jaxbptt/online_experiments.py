@@ -9,8 +9,11 @@
 2. A gradient-quality table in the manner of Menick et al. 2021 and Marschall et al. 2020: for
    small Elman and GRU models, the cosine similarity of each method's gradient with exact BPTT's,
    the time per step and the XLA temp memory of the compiled gradient.
+3. A short training run per method on the adding problem (`jaxbptt.tasks.adding`): each batch's
+   gradient from the method (parameters fixed over the sequence), one Adam step per batch, the same
+   batches for every method; the loss curves go to a figure (`--figure`, PNG).
 
-Both run in float32 on the default device within a few minutes on 2 CPU cores (`--quick`: seconds).
+All run in float32 on the default device within a few minutes on 2 CPU cores (`--quick`: seconds).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 import jaxbptt as jb
 
@@ -133,6 +137,80 @@ def gradient_quality(cells=("elman", "gru"), T: int = 50, B: int = 4, D: int = 4
     return rows
 
 
+TRAINING_METHODS = {"exact BPTT": None, "RTRL": jb.RTRL(), "SnAp-1": jb.SnAp(1), "SnAp-2": jb.SnAp(2),
+                    "UORO": jb.UORO(), "TBPTT(4)": jb.TBPTT(4, 4)}
+
+
+def training_runs(steps: int = 1000, length: int = 12, batch: int = 16, H: int = 16, learning_rate: float = 3e-3,
+                  methods=tuple(TRAINING_METHODS), seed: int = 0) -> list[dict]:
+    """Adam on the adding problem (sequences of `length` steps, a fresh batch per step, the answer
+    scored at the last step) with each method's gradient of each batch; the same initial params and
+    batches for all. Per method: the loss per batch, the mean of the last tenth, and the seconds."""
+    model = jb.with_readout(jb.elman(H), 1)
+    k_init, k_data = jax.random.split(jax.random.key(seed))
+    params, carry = model.init(k_init, 2), model.initial_carry((batch,))
+    keys = jax.random.split(k_data, steps)
+    optimizer = optax.adam(learning_rate)
+    rows = []
+    for name in methods:
+        method = TRAINING_METHODS[name]
+        if method is None:
+            exact = jb.value_and_grad(model.step, jb.tasks.weighted_mse)
+            grad_fn = lambda p, c, x, t, k: exact(p, c, x, t)
+        else:
+            grad_fn = jb.online_grad(model.step, jb.tasks.weighted_mse, method)
+
+        def train(params, keys):
+            def one(state, key):
+                params, opt_state = state
+                k_batch, k_method = jax.random.split(key)
+                xs, targets = jb.tasks.adding(k_batch, batch, length)
+                (loss, _), grads = grad_fn(params, carry, xs, targets, k_method)
+                updates, opt_state = optimizer.update(grads, opt_state, params)
+                return (optax.apply_updates(params, updates), opt_state), loss
+
+            return lax.scan(one, (params, optimizer.init(params)), keys)[1]
+
+        start = time.perf_counter()
+        losses = np.asarray(jax.jit(train)(params, keys))
+        rows.append({"method": name, "losses": losses, "final": float(np.mean(losses[-max(steps // 10, 1):])),
+                     "seconds": time.perf_counter() - start, "steps": steps, "length": length, "batch": batch,
+                     "H": H, "learning_rate": learning_rate})
+    return rows
+
+
+def plot_training(rows, path: str) -> None:
+    """Loss curves of `training_runs` (moving means over a twentieth of the run), log scale, with
+    the adding problem's baseline."""
+    from ._plot import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    window = max(len(rows[0]["losses"]) // 20, 1)
+    for i, r in enumerate(rows):
+        smooth = np.convolve(r["losses"], np.ones(window) / window, mode="valid")
+        # thinner and dashed on top: curves that coincide (RTRL's is exact BPTT's) stay visible
+        ax.plot(np.arange(smooth.size) + window, smooth, linestyle=("-", "--", ":", "-.")[i % 4],
+                linewidth=max(3.0 - 0.45 * i, 0.8), label=f"{r['method']} ({r['final']:.3g})")
+    ax.axhline(jb.tasks.ADDING_BASELINE_MSE, color="gray", linestyle="--", label="predict 1 (1/6)")
+    r0 = rows[0]
+    ax.set(yscale="log", xlabel="batch (one Adam step each)", ylabel=f"MSE, moving mean of {window}",
+           title=f"adding problem, T={r0['length']}, Elman H={r0['H']}, batch {r0['batch']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_training(rows) -> None:
+    r0 = rows[0]
+    print(f"\n== training on the adding problem (T={r0['length']}, batch {r0['batch']}, Elman H={r0['H']}, "
+          f"{r0['steps']} Adam steps at {r0['learning_rate']:g}; baseline MSE {jb.tasks.ADDING_BASELINE_MSE:.4f})")
+    print(f"{'method':>11s} {'final MSE':>10s} {'seconds':>8s}")
+    for r in rows:
+        print(f"{r['method']:>11s} {r['final']:10.4f} {r['seconds']:8.1f}")
+
+
 def print_balancing(rows) -> None:
     r0 = rows[0]
     print(f"\n== influence balancing (Tallec & Ollivier 2017): theta* = {r0['theta_star']:.4f}, start 0.5, "
@@ -155,12 +233,17 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m jaxbptt.online_experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of seconds")
+    parser.add_argument("--figure", default="online_training.png", help="where to write the loss curves (PNG)")
     args = parser.parse_args(argv)
     balancing = influence_balancing(steps=300, seeds=2) if args.quick else influence_balancing()
     print_balancing(balancing)
     quality = gradient_quality(T=10, H=4) if args.quick else gradient_quality()
     print_quality(quality)
-    return {"balancing": balancing, "quality": quality}
+    training = training_runs(steps=20, length=6, batch=2, H=3) if args.quick else training_runs()
+    print_training(training)
+    plot_training(training, args.figure)
+    print(f"loss curves: {args.figure}")
+    return {"balancing": balancing, "quality": quality, "training": training}
 
 
 if __name__ == "__main__":

@@ -33,3 +33,14 @@ def test_gradient_quality_smoke(capsys):
     assert [r["method"] for r in rows] == ["exact BPTT", "RTRL"]
     assert abs(rows[1]["cosine"] - 1) < 1e-5
     assert "cosine" in capsys.readouterr().out
+
+
+def test_training_runs_and_figure_smoke(tmp_path, capsys):
+    rows = ex.training_runs(steps=4, length=4, batch=2, H=2, methods=("exact BPTT", "RTRL"))
+    # RTRL's gradient is exact BPTT's: the same training run
+    assert rows[0]["losses"].shape == (4,) and rows[0]["losses"][-1] != rows[0]["losses"][0]
+    np.testing.assert_allclose(rows[1]["losses"], rows[0]["losses"], rtol=1e-4)
+    ex.print_training(rows)
+    assert "adding problem" in capsys.readouterr().out
+    ex.plot_training(rows, str(tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").stat().st_size > 0

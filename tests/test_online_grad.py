@@ -8,6 +8,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import jaxbptt as jb
+from jaxbptt import _online_grad
 from steps import mse, problem, scan_loss
 
 T = 8
@@ -82,20 +83,62 @@ def test_snap_improves_with_n_on_a_dense_elman():
 def test_snap_pattern_is_found_from_the_step():
     """A banded recurrence (unit i reads units i-1, i, i+1): the pattern widens by one band per step."""
     H = 5
-    band = jnp.abs(jnp.arange(H)[:, None] - jnp.arange(H)[None]) <= 1
+    band = np.abs(np.arange(H)[:, None] - np.arange(H)[None]) <= 1
 
     def banded(p, h, x):
         h = jnp.tanh(h @ (p["U"] * band) + x @ p["W"])
         return h, h @ p["V"]
 
-    k = jax.random.split(jax.random.key(1), 5)
-    params = {"U": jax.random.normal(k[0], (H, H)) / 2, "W": jax.random.normal(k[1], (2, H)), "V": jax.random.normal(k[2], (H, 1))}
-    xs, targets, carry = jax.random.normal(k[3], (T, 1, 2)), jax.random.normal(k[4], (T, 1, 1)), jnp.zeros((1, H))
-    ref = exact(banded, mse, params, carry, xs, targets)[1]
-    cos = [cosine(online(banded, mse, jb.SnAp(n))(params, carry, xs, targets)[1], ref) for n in (1, 2, 5)]
-    # unit i reaches unit i +- (n - 1) in n steps: with H = 5, SnAp-5 keeps every entry
-    assert cos[0] < cos[1] < 1 - 1e-9
-    np.testing.assert_allclose(cos[2], 1.0, rtol=1e-12)
+    params = {"U": jnp.ones((H, H)), "V": jnp.ones((H, 1)), "W": jnp.ones((2, H))}
+    theta, unravel = ravel_pytree(params)
+    flat_step = lambda th, c, x: banded(unravel(th), c, x)
+    for n in (1, 2, 5):
+        mask, _ = _online_grad._pattern(flat_step, jb.SnAp(n), theta, jnp.zeros(H), jnp.zeros(2))
+        # a parameter of unit i (U[m, i] inside the band, W[k, i]) reaches unit j in n steps if |i - j| < n
+        reach = np.abs(np.arange(H)[:, None] - np.arange(H)[None]) < n
+        expected = np.concatenate([(band[:, :, None] & reach[None]).reshape(H * H, H), np.zeros((H, H), bool),
+                                   np.broadcast_to(reach[None], (2, H, H)).reshape(2 * H, H)])
+        np.testing.assert_array_equal(mask, expected)
+
+
+@pytest.mark.parametrize("name", ["elman", "gru", "two_layer"])
+def test_sparse_snap_equals_masked_dense(name, monkeypatch):
+    """SnAp on its pattern's entries only equals the dense influence masked by the same pattern."""
+    step, loss_fn, params, carry, xs, targets = problem(name, 4, B=2, D=2, H=3)
+    layouts = [(n, sparse) for n in (1, 2) for sparse in (True, False)]
+
+    def every_layout(*args):  # one compilation for the four
+        results = []
+        for n, sparse in layouts:
+            monkeypatch.setattr(_online_grad._Sparse, "cheaper_than_dense", lambda self, s=sparse: s)
+            results.append(jb.online_grad(step, loss_fn, jb.SnAp(n))(*args))
+        return results
+
+    results = dict(zip(layouts, jax.jit(every_layout)(params, carry, xs, targets)))
+    for n in (1, 2):
+        np.testing.assert_allclose(results[n, True][0][0], results[n, False][0][0], rtol=1e-12)
+        np.testing.assert_allclose(flat(results[n, True][1]), flat(results[n, False][1]), rtol=1e-12, atol=1e-14)
+    # left to choose, SnAp(1) stores only the pattern: for an Elman layer, each unit's fan-in per example
+    monkeypatch.undo()
+    if name == "elman":
+        x = jax.tree.map(lambda a: a[0], xs)
+        tracker = _online_grad.make_tracker(step, loss_fn, jb.SnAp(1), params, carry, x, max_influence_bytes=2**30)
+        trace = tracker.init(flat(params), flat(carry))
+        assert trace.shape == (2 * 3 * (3 + 2 + 1),)  # B x H x (H + D + 1)
+
+
+def test_uoro_keeps_one_estimate_per_example():
+    step, loss_fn, params, carry, xs, _ = problem("elman", T, B=2, D=3, H=3)
+    x = jax.tree.map(lambda a: a[0], xs)
+    trace = _online_grad.make_tracker(step, loss_fn, jb.UORO(), params, carry, x, max_influence_bytes=1).init(
+        flat(params), flat(carry))
+    assert trace[1].shape == (2, flat(params).size)
+    # a step that couples the carry's rows (here the influence-balancing chain) is one example
+    coupled = lambda p, c, x: (c @ p["A"], c[0])
+    params = {"A": jnp.eye(3) + jnp.eye(3, k=1)}
+    trace = _online_grad.make_tracker(coupled, mse, jb.UORO(), params, jnp.zeros(3), None, max_influence_bytes=1).init(
+        flat(params), jnp.zeros(3))
+    assert trace[1].shape == (1, 9)
 
 
 def test_uoro_mean_over_keys_is_exact_bptt():
@@ -127,6 +170,20 @@ def test_float32_rtrl():
     np.testing.assert_allclose(flat(grads), flat(exact(step, loss_fn, params, carry, xs, targets)[1]), rtol=1e-4, atol=1e-6)
 
 
+def test_float64_data_with_float32_params():
+    """Each keeps its dtype: the loss one step's loss dtype, the carry and the params their own."""
+    step, loss_fn, params, carry, xs, targets = problem("elman", 4, B=2, D=2, H=3)
+    params32, carry32 = jax.tree.map(lambda a: a.astype(jnp.float32), (params, carry))
+    (loss, final), grads = jb.online_grad(step, loss_fn, jb.RTRL())(params32, carry32, xs, targets)
+    assert (loss.dtype, flat(final).dtype, flat(grads).dtype) == (jnp.float64, jnp.float32, jnp.float32)
+    (loss_ref, _), grads_ref = exact(step, loss_fn, params, carry, xs, targets)
+    np.testing.assert_allclose(flat(grads), flat(grads_ref), rtol=1e-4, atol=1e-6)
+    trainer = jb.online(step, loss_fn, optax.sgd(0.1), jb.RTRL(), update_every=4)
+    state, losses = trainer.update(trainer.init(params32, carry32), xs, targets)
+    assert (losses.dtype, flat(state.carry).dtype, flat(state.params).dtype) == (jnp.float64, jnp.float32, jnp.float32)
+    np.testing.assert_allclose(losses, [loss_ref], rtol=1e-5)
+
+
 # ---- online training ------------------------------------------------------------------------------
 
 
@@ -144,9 +201,10 @@ def test_online_two_halves_equal_the_whole():
     step, loss_fn, params, carry, xs, targets = problem("elman", T, B=2, D=3, H=3)
     trainer = jb.online(step, loss_fn, optax.adam(0.01), method, update_every=2)
     state = trainer.init(params, carry, key=jax.random.key(3))
-    whole, losses = trainer.update(state, xs, targets)
-    half, first = trainer.update(state, xs[:4], targets[:4])
-    half, second = trainer.update(half, xs[4:], targets[4:])
+    update = jax.jit(trainer.update)
+    whole, losses = update(state, xs, targets)
+    half, first = update(state, xs[:4], targets[:4])
+    half, second = update(half, xs[4:], targets[4:])
     np.testing.assert_allclose(losses, jnp.concatenate([first, second]), rtol=1e-12)
     np.testing.assert_allclose(flat(whole.params), flat(half.params), rtol=1e-12)
     assert int(whole.steps) == T
@@ -164,6 +222,7 @@ def test_online_vmaps_over_seeds_and_learning_rates():
     keys, lrs = jax.random.split(jax.random.key(0), 3), jnp.array([0.0, 0.05, 0.1])
     states, losses = jax.jit(jax.vmap(run))(keys, lrs)
     assert losses.shape == (3, 2)
+    run = jax.jit(run)  # one compilation for the three single runs
     for i in range(3):
         single, single_losses = run(keys[i], lrs[i])
         np.testing.assert_allclose(losses[i], single_losses, rtol=1e-10)
@@ -176,7 +235,7 @@ def test_online_reset_starts_a_new_sequence():
     trainer = jb.online(step, loss_fn, optax.sgd(0.0), jb.RTRL())
     state, _ = trainer.update(trainer.init(params, carry), xs, targets)
     state = trainer.reset(state, carry)
-    assert not bool(jnp.any(state.trace[0]))
+    assert not bool(jnp.any(state.trace))
     # with the learning rate 0, the second sequence's loss is the first's
     _, again = trainer.update(state, xs, targets)
     _, first = trainer.update(trainer.init(params, carry), xs, targets)
@@ -223,6 +282,9 @@ def test_errors():
         jb.online(step, loss_fn, optax.sgd(0.1), jb.RTRL(), update_every=0)
     with pytest.raises(ValueError, match="updates every k1 steps; got update_every=3"):
         jb.online(step, loss_fn, optax.sgd(0.1), jb.TBPTT(2, 4), update_every=3)
+    with pytest.raises(ValueError, match="SnAp's sparsity pattern .* does not close over traced values"):
+        jax.jit(lambda s: jb.online_grad(lambda p, c, x: step(p, s * c, x), loss_fn, jb.SnAp(1))(
+            params, carry, xs, targets))(2.0)
     trainer = jb.online(step, loss_fn, optax.sgd(0.1), jb.RTRL(), update_every=3)
     with pytest.raises(ValueError, match="multiple of update_every=3; xs has 8"):
         trainer.update(trainer.init(params, carry), xs, targets)
