@@ -75,7 +75,7 @@ GPU = Section(
     "jaxbptt at unroll 1, 2, 4, 8",
 )
 
-# online gradients (benchmarks/_online_methods.py, its own table): RTRL's cost grows as H^4, SnAp-1's as H^2
+# online gradients (benchmarks/_online_methods.py, its own table): RTRL's memory grows as H^3 and its time as H^4 per step; SnAp-1's memory as H^2
 ONLINE_METHOD_CONFIGS = [("elman", 100, 4, 8, H) for H in (8, 16, 32)] + [("gru", 100, 4, 8, 16)]
 ONLINE_METHOD_TINY = [("elman", 10, 2, 4, 4)]
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import jaxbptt as jb
 from steps import problem
 
-settings.register_profile("jaxbptt", derandomize=True, database=None, deadline=None, max_examples=10,
+settings.register_profile("jaxbptt", derandomize=True, database=None, deadline=None, max_examples=6,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("jaxbptt")
 
@@ -41,7 +41,7 @@ def test_hand_written_equals_oracle(case):
 
 
 def test_results_are_bitwise_deterministic():
-    step, loss_fn, *args = problem("lstm", T=57, B=4, H=16)
+    step, loss_fn, *args = problem("lstm", T=29, B=3, H=8)
     f = jb.value_and_grad(step, loss_fn, truncation=(5, 12), clip_norm=0.1, argnums=(0, 1, 2))
     first = jax.jit(f)(*args)
     again = jax.jit(f)(*args)  # the same compiled program, run again
@@ -134,9 +134,9 @@ def test_every_combination_equals_the_oracle(case):
         np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-12)
     if case["diagnostics"]:
         assert aux[2].adjoint_norm.shape == (case["T"],) and bool(jnp.all(jnp.isfinite(aux[2].adjoint_norm)))
-    # Second derivatives (Binomial's reverse loop has dynamic bounds, so first order only):
-    # inactive clipping and memory policies leave them unchanged, active clipping keeps them finite.
-    if isinstance(case["remat"], jb.Binomial) or case["argnums"] not in (0, (0, 1), (0, 2), (0, 1, 2)):
+    # Second derivatives: inactive clipping and memory policies leave them unchanged, active clipping
+    # keeps them finite.
+    if case["argnums"] not in (0, (0, 1), (0, 2), (0, 1, 2)):
         return
 
     def meta(**override):
