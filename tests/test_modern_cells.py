@@ -132,6 +132,6 @@ def test_adding_experiment_at_a_tiny_size():
     from jaxbptt._parallel_experiments import run_modern
 
     (result,) = run_modern(quick=True, seeds=1, models=("minGRU",))
-    assert (result.experiment, result.model, result.iterations) == ("adding, T=10", "minGRU", 20)
+    assert (result.experiment, result.model, result.iterations) == ("adding, T=10", "minGRU (lr 0.01)", 20)
     assert result.curves.shape == (1, 20) and np.isfinite(result.curves).all()
     assert result.values.shape == (1,) and np.isfinite(result.values).all()
