@@ -9,8 +9,8 @@ Two algorithms, both exact:
 - chunked (two-level): time is cut into C chunks of L ~ sqrt(T)/2 steps; one loop over the L
   positions, vectorised over the chunks, gives each chunk's end state from zero and the product of
   its decays, a short sequential scan over the C chunks gives each chunk's true initial state, and a
-  second loop over the L positions writes the states. About T/L times fewer loop iterations than a
-  sequential `lax.scan`, each over C times more data, and two reads of the inputs: the CPU default.
+  second loop over the L positions writes the states: 2L loop iterations instead of T, each over C
+  steps' data, at the price of reading the inputs twice. The CPU default.
 
 Either way the gradient is hand-written: the adjoint of a linear recurrence is the same recurrence
 run the other way,
