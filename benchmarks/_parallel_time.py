@@ -1,9 +1,10 @@
 """`--suite parallel`: parallel-in-time forms against the sequential loop, side by side in one run.
 
 Three tables, every time the median of interleaved calls of jit-compiled functions (float32 data):
-1. `jaxbptt.linear_scan` (forward, and forward + backward) against `lax.scan` of the same
-   recurrence and `jax.grad` through it, and against `jax.grad` through a bare
-   `lax.associative_scan` (what the hand-written VJP replaces);
+1. `jaxbptt.linear_scan` (forward, and forward + backward; `method="auto"`, chunked on a CPU)
+   against `lax.scan` of the same recurrence, `jax.grad` through it, the sequential engine
+   (`jaxbptt.value_and_grad` of the one-step recurrence, gradients with respect to `h0`, `a`, `b`),
+   and `linear_scan(method="associative")` forward + backward;
 2. LRU and minGRU training steps (per-step MSE loss): `cell.parallel` under `jax.grad`, the
    sequential engine `jaxbptt.value_and_grad(cell.step)`, and `jax.grad` through `lax.scan`;
 3. DEER and quasi-DEER on Elman and GRU cells (batch mapped with `jax.vmap`): Newton iterations
@@ -22,7 +23,7 @@ import jaxbptt as jb
 
 from ._harness import _time, device_name
 
-FULL = {"scan": [(T, 8, 256) for T in (1000, 10_000, 30_000)],  # 10^5 needs ~16 GB: not on a shared machine
+FULL = {"scan": [(T, 8, 256) for T in (1000, 10_000, 30_000)],  # 10^5: 16 GB resident, too much for a shared machine
         "cells": [(cell, T, 8, 64, 256) for cell in ("lru", "mingru") for T in (1000, 10_000)],
         "deer": [(cell, T, 8, 2, 16) for cell in ("elman", "gru") for T in (1000, 10_000)]}
 SMOKE = {"scan": [(64, 2, 8)], "cells": [("lru", 64, 2, 3, 8), ("mingru", 64, 2, 3, 8)],
@@ -53,21 +54,25 @@ def _sequential_scan(a, b, h0):
     return lax.scan(lambda h, ab: (ab[0] * h + ab[1],) * 2, h0, (a, b))[1]
 
 
-def _autodiff_associative(a, b, h0):
-    b = b.at[0].add(a[0] * h0)
-    return lax.associative_scan(lambda e, l: (l[0] * e[0], l[0] * e[1] + l[1]), (a, b))[1]
-
-
 def _grad_of(scan):
     return jax.value_and_grad(lambda a, b, h0: jnp.sum(jnp.square(scan(a, b, h0))), argnums=(0, 1, 2))
 
 
+def _engine(a, b, h0):
+    """`jaxbptt.value_and_grad` of the one-step recurrence, the same loss and gradients."""
+    step = lambda _, h, ab: (ab[0] * h + ab[1],) * 2
+    grad = jb.value_and_grad(step, lambda h, _: jnp.sum(jnp.square(h)), argnums=(1, 2))
+    (loss, _), (dh0, (da, db)) = grad(None, h0, (a, b), jnp.zeros(b.shape[:1], b.dtype))
+    return loss, (da, db, dh0)
+
+
 def linear_scan_rows(sizes, budget_s):
     rows = []
+    associative = lambda a, b, h0: jb.linear_scan(a, b, h0, method="associative")
     for T, B, H in sizes:
         fns = {"lax.scan fwd": _sequential_scan, "linear_scan fwd": jb.linear_scan,
-               "jax.grad(lax.scan)": _grad_of(_sequential_scan), "linear_scan fwd+bwd": _grad_of(jb.linear_scan),
-               "jax.grad(assoc_scan)": _grad_of(_autodiff_associative)}
+               "jax.grad(lax.scan)": _grad_of(_sequential_scan), "jaxbptt engine": _engine,
+               "linear_scan fwd+bwd": _grad_of(jb.linear_scan), "associative fwd+bwd": _grad_of(associative)}
         ms = _interleaved(fns, _recurrence(T, B, H), budget_s)
         rows.append(dict(T=T, B=B, H=H, ms=ms, fwd_speedup=ms["lax.scan fwd"] / ms["linear_scan fwd"],
                          grad_speedup=ms["jax.grad(lax.scan)"] / ms["linear_scan fwd+bwd"]))
@@ -145,7 +150,8 @@ def _print_row(r, keys):
 
 TABLES = (
     ("linear_scan", "scan", linear_scan_rows, ("T", "B", "H"),
-     ("lax.scan fwd", "linear_scan fwd", "jax.grad(lax.scan)", "linear_scan fwd+bwd", "jax.grad(assoc_scan)"),
+     ("lax.scan fwd", "linear_scan fwd", "jax.grad(lax.scan)", "jaxbptt engine", "linear_scan fwd+bwd",
+      "associative fwd+bwd"),
      "linear_scan: h_t = a_t h_{t-1} + b_t, loss sum(h^2); speedup = lax.scan time / linear_scan time"),
     ("cells", "cells", cell_rows, ("cell", "T", "B", "D", "H"),
      ("jax.grad(lax.scan)", "jaxbptt engine", "parallel fwd+bwd"),

@@ -217,6 +217,8 @@ def main(argv=None) -> list[Result]:
     parser.add_argument("--out", default="learning_curves.png", help="where to write the learning curves (PNG)")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (its numbers mean nothing)")
+    parser.add_argument("--modern", action="store_true",
+                        help="instead: minGRU and LRU against the LSTM on the adding problem (table only)")
     args = parser.parse_args(argv)
     try:
         from tqdm import tqdm
@@ -225,12 +227,18 @@ def main(argv=None) -> list[Result]:
     except ImportError:
         progress = None
     start = time.perf_counter()
-    results = run_all(args.quick, args.seeds, progress)
+    if args.modern:
+        from ._parallel_experiments import run_modern
+
+        results = run_modern(args.quick, args.seeds, progress)
+    else:
+        results = run_all(args.quick, args.seeds, progress)
     print(f"\n{jax.devices()[0].platform}: {len(results)} results in {time.perf_counter() - start:.0f} s "
           f"(each row: all its seeds trained in one compiled call)")
     print_table(results)
-    plot_curves(results, args.out)
-    print(f"wrote {args.out}")
+    if not args.modern:
+        plot_curves(results, args.out)
+        print(f"wrote {args.out}")
     return results
 
 

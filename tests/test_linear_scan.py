@@ -46,14 +46,23 @@ def _loss(scan, reverse):
     return loss
 
 
+METHODS = ("associative", "chunked")
+
+
+def _method(method):
+    return lambda a, b, h0, reverse=False: jb.linear_scan(a, b, h0, reverse=reverse, method=method)
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("complex_, reverse, a_shape", [
     (False, False, (T, B, H)), (True, True, (T, B, H)), (True, False, (H,)), (False, True, (T, 1, H)),
 ])
-def test_values_and_grads_match_sequential_scan(complex_, reverse, a_shape):
+def test_values_and_grads_match_sequential_scan(complex_, reverse, a_shape, method):
     a, b, h0 = _data(0, complex_, a_shape)
-    np.testing.assert_allclose(jb.linear_scan(a, b, h0, reverse=reverse), sequential(a, b, h0, reverse),
+    scan = _method(method)
+    np.testing.assert_allclose(scan(a, b, h0, reverse=reverse), sequential(a, b, h0, reverse),
                                rtol=1e-12, atol=1e-12)
-    got = jax.jit(jax.grad(_loss(jb.linear_scan, reverse), argnums=(0, 1, 2)))(a, b, h0)
+    got = jax.jit(jax.grad(_loss(scan, reverse), argnums=(0, 1, 2)))(a, b, h0)
     want = jax.jit(jax.grad(_loss(sequential, reverse), argnums=(0, 1, 2)))(a, b, h0)
     for g, w in zip(got, want):
         assert g.shape == w.shape and g.dtype == w.dtype
@@ -76,20 +85,42 @@ def test_pytree_of_leaves():
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-12), got, sequential(a, b, h0))
 
 
-def test_check_grads():
+@pytest.mark.parametrize("method", METHODS)
+def test_check_grads(method):
     a, b, h0 = _data(4, True)
-    f = jax.jit(lambda a, b, h0: jb.linear_scan(a, b, h0, reverse=True))
+    f = jax.jit(lambda a, b, h0: jb.linear_scan(a, b, h0, reverse=True, method=method))
     check_grads(f, (a[:6, 0], b[:6, 0], h0[0]), order=1, modes=["rev"])
 
 
-def test_vmap_over_a_decay_hyperparameter():
+@pytest.mark.parametrize("length, chunk", [(13, 4), (1, 4)])
+def test_chunk_boundaries(monkeypatch, length, chunk):
+    """T not a multiple of the chunk (identity steps pad the last chunk), T=1 (shorter than a chunk): both
+    directions of a real and a complex leaf in one loss, against the sequential scan."""
+    monkeypatch.setattr("jaxbptt._linear_scan._chunk_length", lambda _: chunk)
+    real, cplx = _data(7), _data(8, True)
+    args = tuple({"r": r[:length, 0], "c": c[:length, 0, :2]} for r, c in zip(real[:2], cplx[:2]))
+    args += ({"r": real[2][0], "c": cplx[2][0, :2]},)
+
+    def loss(scan):
+        def total(a, b, h0):
+            hs = {r: scan(a, b, h0, reverse=r) for r in (False, True)}
+            return sum(_loss(lambda *_, reverse: hs[reverse][k], r)(a, b, h0) for k in ("r", "c") for r in hs)
+
+        return jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2)))
+
+    got, want = loss(_method("chunked"))(*args), loss(sequential)(*args)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12), got, want)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_vmap_over_a_decay_hyperparameter(method):
     _, b, h0 = _data(5)
     decays = jnp.array([0.3, 0.9, 0.99])
 
     def loss(lam, scan):
         return jnp.sum(scan(jnp.full((H,), lam), b, h0) ** 2)
 
-    got = jax.jit(jax.vmap(jax.value_and_grad(lambda lam: loss(lam, jb.linear_scan))))(decays)
+    got = jax.jit(jax.vmap(jax.value_and_grad(lambda lam: loss(lam, _method(method)))))(decays)
     want = jax.jit(jax.vmap(jax.value_and_grad(lambda lam: loss(lam, sequential))))(decays)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-10)
@@ -122,3 +153,15 @@ def test_errors(args, error, match):
 def test_reverse_must_be_bool():
     with pytest.raises(TypeError, match="reverse must be a bool"):
         jb.linear_scan(jnp.ones(3), jnp.ones(3), jnp.zeros(()), reverse=1)
+
+
+def test_method_must_be_known():
+    with pytest.raises(ValueError, match="method must be one of 'auto', 'associative', 'chunked'; got 'serial'"):
+        jb.linear_scan(jnp.ones(3), jnp.ones(3), jnp.zeros(()), method="serial")
+
+
+def test_auto_picks_chunked_on_cpu():
+    """On the CPU `auto` is the two-level loop: no associative scan's log2(T) levels of slices."""
+    jaxprs = {m: str(jax.make_jaxpr(_method(m))(jnp.ones(64), jnp.ones(64), jnp.zeros(()))) for m in METHODS + ("auto",)}
+    assert jax.default_backend() == "cpu"
+    assert jaxprs["auto"] == jaxprs["chunked"] != jaxprs["associative"]

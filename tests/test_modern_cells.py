@@ -125,3 +125,13 @@ def test_float32_parallel_close_to_step():
 def test_errors(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_adding_experiment_at_a_tiny_size():
+    """`python -m jaxbptt.experiments --modern` at its smoke size, one cell and one seed."""
+    from jaxbptt._parallel_experiments import run_modern
+
+    (result,) = run_modern(quick=True, seeds=1, models=("minGRU",))
+    assert (result.experiment, result.model, result.iterations) == ("adding, T=10", "minGRU (lr 0.01)", 20)
+    assert result.curves.shape == (1, 20) and np.isfinite(result.curves).all()
+    assert result.values.shape == (1,) and np.isfinite(result.values).all()
