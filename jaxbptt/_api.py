@@ -211,7 +211,7 @@ def value_and_grad(
         return aux, grads
 
     if not check_finite:
-        return value_and_grad_fn
+        return jax.jit(value_and_grad_fn)  # one compiled program even when called outside jit
     checked = jax.jit(checkify.checkify(value_and_grad_fn, errors=checkify.user_checks))
 
     def checked_value_and_grad_fn(params, carry, xs, targets):

@@ -33,6 +33,25 @@ def _one_step(fn, params, tree):
     return jax.tree.map(lambda a: a[0], fn(params, jax.tree.map(lambda a: a[None], tree)))
 
 
+def _flagged(inner: Kernel, flags):
+    """The pieces shared by the kernels of steps whose input is `(x, flags)` and whose `out` is
+    `(inner out, flags as float32)`: `prepare`, `project` (the flags pass through) and `previous_out`."""
+
+    def prepare(params, carry, u):
+        return inner.prepare(params, carry, u[0])
+
+    def project(params, xs):
+        x, flag = xs
+        return inner.project(params, x), flag
+
+    previous_out = None
+    if inner.previous_out is not None:
+        def previous_out(carry):
+            return inner.previous_out(carry), jnp.zeros(np.shape(flags), jnp.float32)
+
+    return prepare, project, previous_out
+
+
 def masked_kernel(inner: Kernel, flags) -> Kernel:
     """The kernel of `masked(step)`, whose input is `(x, m)`; `flags` is one step's `m` (or its spec).
 
@@ -40,12 +59,7 @@ def masked_kernel(inner: Kernel, flags) -> Kernel:
     engine's output cotangents plain arrays. Where the inner kernel's `out` is part of its carry (`previous_out`), a masked
     row's `out` is the carry's, so that the next step sees the carry it really receives."""
 
-    def prepare(params, carry, u):
-        return inner.prepare(params, carry, u[0])
-
-    def project(params, xs):
-        x, m = xs
-        return inner.project(params, x), m
+    prepare, project, previous_out = _flagged(inner, flags)
 
     def forward(params, consts, carry, u):
         x, m = u
@@ -72,11 +86,6 @@ def masked_kernel(inner: Kernel, flags) -> Kernel:
         ys = inner.post(params, out)
         return jax.tree.map(lambda y: jnp.where(_over_rows(m, y), y, jnp.zeros((), y.dtype)), ys)
 
-    previous_out = None
-    if inner.previous_out is not None:
-        def previous_out(carry):
-            return inner.previous_out(carry), jnp.zeros(np.shape(flags), jnp.float32)
-
     return Kernel(prepare, project, forward, backward, grads, post, previous_out)
 
 
@@ -87,12 +96,7 @@ def resettable_kernel(inner: Kernel, fresh, flags) -> Kernel:
     `out` is `(inner out, reset as float32)`, so the reverse loop knows where to stop the adjoint
     without storing anything more."""
 
-    def prepare(params, carry, u):
-        return inner.prepare(params, carry, u[0])
-
-    def project(params, xs):
-        x, reset = xs
-        return inner.project(params, x), reset
+    prepare, project, previous_out = _flagged(inner, flags)
 
     def forward(params, consts, carry, u):
         x, reset = u
@@ -121,11 +125,6 @@ def resettable_kernel(inner: Kernel, fresh, flags) -> Kernel:
 
     def post(params, outs):
         return inner.post(params, outs[0])
-
-    previous_out = None
-    if inner.previous_out is not None:
-        def previous_out(carry):
-            return inner.previous_out(carry), jnp.zeros(np.shape(flags), jnp.float32)
 
     return Kernel(prepare, project, forward, backward, grads, post, previous_out)
 

@@ -194,7 +194,7 @@ def reference_value_and_grad(step, loss_fn, *, argnums=0, truncation=None, clip_
         (loss, aux), grads = jax.value_and_grad(total, argnums, has_aux=True)(params, carry, xs)
         return ((loss, *aux) if has_aux else (loss, aux)), grads
 
-    return value_and_grad_fn
+    return jax.jit(value_and_grad_fn)  # one compiled program even when called outside jit
 
 
 def _default_rtol(grads) -> float:

@@ -31,7 +31,7 @@ def launch():
     started = []
 
     def start(port, process_id, num_processes, devices=2, init_timeout_s=300):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}",
                    PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))
         argv = [sys.executable, "-u", WORKER, *map(str, (port, process_id, num_processes, init_timeout_s))]
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -13,7 +13,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 
 def test_sharded_gradients_equal_unsharded():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
                PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))
     result = subprocess.run([sys.executable, str(HERE / "sharded_check.py")], env=env, capture_output=True,
                             text=True, timeout=600)
