@@ -131,7 +131,9 @@ def value_and_grad(
       A function `(params, carry, xs, targets) -> ((loss, final_carry), grads)`, with `aux` then
       `diag` appended to the first tuple when `has_aux=True` and `diagnostics=True`:
       `((loss, final_carry, aux, diag), grads)`; `grads` is structured by `argnums` as in
-      `jax.value_and_grad`.
+      `jax.value_and_grad`. The function is jitted (called outside `jit` it still runs as one
+      compiled program) and composes with `jit`, `vmap` and `grad`; with `check_finite=True` it
+      runs its own compiled, checked program instead (see `check_finite`).
 
     Raises:
       TypeError / ValueError: at trace time, for a non-callable step or loss, mismatched time axes
