@@ -54,8 +54,9 @@ def _engine(step, loss_fn, truncation, *args, **options):
     return jax.jit(jb.value_and_grad(step, loss_fn, argnums=ARGNUMS, truncation=truncation, **options))(*args)
 
 
-@pytest.mark.parametrize("name", ["lstm", "two_layer", "tuple"])
-@pytest.mark.parametrize("k", [1, 4, 5, 12, 20])  # T = 12: 1, a divisor, a non-divisor, T, > T
+# T = 12: k = 1, a divisor, a non-divisor, T, > T; each cell meets several of them
+@pytest.mark.parametrize("name, k", [("lstm", 1), ("two_layer", 4), ("tuple", 5), ("lstm", 5), ("two_layer", 12),
+                                     ("tuple", 20)])
 def test_chunked_matches_loop_surrogate(name, k):
     step, loss_fn, *args = problem(name, T=12)
     (_, _), g = _engine(step, loss_fn, k, *args)
@@ -63,8 +64,8 @@ def test_chunked_matches_loop_surrogate(name, k):
     chex.assert_trees_all_close(g, ref, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("name", ["gru", "elman", "dict_input"])
-@pytest.mark.parametrize("k1, k2", [(3, 7), (4, 4), (1, 5), (5, 19), (2, 3)])
+@pytest.mark.parametrize("name, k1, k2", [("gru", 3, 7), ("elman", 4, 4), ("dict_input", 1, 5), ("gru", 5, 19),
+                                          ("elman", 2, 3), ("dict_input", 3, 7)])
 def test_williams_peng_matches_loop_surrogate(name, k1, k2):
     step, loss_fn, *args = problem(name, T=14)
     (_, _), g = _engine(step, loss_fn, (k1, k2), *args)
@@ -72,8 +73,8 @@ def test_williams_peng_matches_loop_surrogate(name, k1, k2):
     chex.assert_trees_all_close(g, ref, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("truncation", [7, 10, (3, 7), (1, 5), (6, 20)])
-@pytest.mark.parametrize("name", ["lstm", "two_layer"])
+@pytest.mark.parametrize("name, truncation", [("lstm", 7), ("two_layer", 10), ("lstm", (3, 7)), ("two_layer", (1, 5)),
+                                              ("lstm", (6, 20)), ("two_layer", 7)])
 def test_long_sequence_against_oracle(name, truncation):
     step, loss_fn, *args = problem(name, T=203, B=2)
     (_, _), g = _engine(step, loss_fn, truncation, *args)

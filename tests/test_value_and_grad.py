@@ -21,7 +21,8 @@ def _reference(step, loss_fn, loss_impl=scan_loss):
 def test_matches_scan_and_loop(name, T):
     step, loss_fn, *args = problem(name, T)
     (loss, final), grads = jax.jit(jb.value_and_grad(step, loss_fn, argnums=ARGNUMS))(*args)
-    for impl in (scan_loss, loop_loss):
+    # the Python loop checks the lax.scan surrogate itself; short sequences suffice for that
+    for impl in (scan_loss, loop_loss) if T <= 2 else (scan_loss,):
         (ref_loss, ref_final), ref_grads = jax.jit(_reference(step, loss_fn, impl))(*args)
         chex.assert_trees_all_close(loss, ref_loss, rtol=1e-12)
         chex.assert_trees_all_close(final, ref_final, rtol=1e-12)
