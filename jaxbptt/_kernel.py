@@ -17,13 +17,15 @@ which `grads` forms parameter and input gradients for a whole block of steps at 
 products instead of one small accumulation per step). `consts = prepare(params, carry, u)` holds
 loop-invariant values, computed once outside every loop.
 
-Built-in cells supply hand-derived kernels (see `_cells.py`). Any other step gets `generic_kernel`:
-`forward` keeps only the time-varying residuals of the step's VJP with respect to the carry (what
-depends on the parameters alone, such as the weight matrices, is found by a dependency walk over the
-step's jaxpr and kept once in `consts`; residuals that are leaves of the new carry are read from the
-stored carry), and `grads` evaluates the parameter VJP of the step over all the block's steps at
-once, with time folded into the batch axis when `_fold.is_rowwise` proves that exact, else vmapped
-over time with the parameters unbatched.
+Built-in cells supply hand-derived kernels (see `_cells.py`). Any other step gets `generic_kernel`,
+built on the step's split at its parameter uses (`_split.py`): `forward` keeps only the time-varying
+residuals of the step's VJP with respect to the carry, the input and a zero perturbation of every
+site (parameter use); what depends on the parameters alone, such as the weight matrices, is found by
+a dependency walk over the jaxpr and kept once in `consts`, and residuals that are leaves of the new
+carry are read from the stored carry. `backward` emits each site's output cotangent as `local`, and
+`grads` turns a block's cotangents into parameter gradients with one VJP per site mapped over the
+block's steps (a matrix product over time and batch for `h @ W`), never re-running the step's
+backward pass.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
-from ._fold import is_rowwise
+from ._split import evaluate, needed_equations, split_step
 from ._types import PyTree
 
 
@@ -113,35 +115,62 @@ def _varying_outputs(closed_jaxpr, varying_inputs: list[bool]) -> list[bool]:
 
 
 def generic_kernel(step: Callable, params: PyTree, carry: PyTree, u: PyTree) -> Kernel:
-    """A `Kernel` for any step, derived with `jax.vjp` (see the module docstring).
+    """A `Kernel` for any step, derived with `jax.vjp` from its split (see the module docstring).
 
     `carry` and `u` are one step's carry and input (arrays or `jax.ShapeDtypeStruct`s); they fix
     the residual layout, found once by tracing the step.
     """
-    structure: dict[str, Any] = {}
     user_step = step
     step = lambda p, c, x: tuple(user_step(p, c, x))  # as in lax.scan, a list [carry, y] is a pair
+    split = split_step(step, params, carry, u)
+    p_tree, c_tree, x_tree = (jax.tree.structure(t) for t in (params, carry, u))
+    y_tree = jax.tree.structure(jax.eval_shape(step, params, carry, u)[1])
+    n_c = c_tree.num_leaves
+    # Where the output is a function of the new carry alone (a readout), the loop's `out` is the new
+    # carry and `post` computes the outputs of a whole block at once.
+    as_post = split.output_from_carry
 
-    def residual_leaves(p, c, x):
-        (new_c, _), vjp_fn = jax.vjp(lambda c_: step(p, c_, x), c)
+    def run(hoisted, c, x, zs):
+        flat = split.per_step(hoisted, jax.tree.leaves(c), jax.tree.leaves(x), zs)
+        return c_tree.unflatten(flat[:n_c]), (None if as_post else y_tree.unflatten(flat[n_c:]))
+
+    def post(p, outs):
+        if not as_post:
+            return outs
+        hoisted = split.hoist(jax.tree.leaves(p))
+        return jax.vmap(lambda c: y_tree.unflatten(split.outputs(hoisted, jax.tree.leaves(c))))(outs)
+
+    def new_carry_of(out, res):
+        return out if as_post else res[1]
+
+    structure: dict[str, Any] = {}
+
+    def residual_leaves(hoisted, c, x):
+        (new_c, _), vjp_fn = jax.vjp(lambda c_, x_, zs: run(hoisted, c_, x_, zs), c, x, split.zero_perturbations())
         leaves, structure["treedef"] = jax.tree.flatten(vjp_fn)
         return leaves, jax.tree.leaves(new_c)
 
-    closed = jax.make_jaxpr(residual_leaves)(params, carry, u)
-    n_params = len(jax.tree.leaves(params))
-    n_rest = len(jax.tree.leaves(carry)) + len(jax.tree.leaves(u))
+    hoisted_spec = jax.eval_shape(split.hoist, jax.tree.leaves(params))
+    closed = jax.make_jaxpr(residual_leaves)(hoisted_spec, carry, u)
     treedef = structure["treedef"]
     n_res = treedef.num_leaves
-    varying = _varying_outputs(closed, [False] * n_params + [True] * n_rest)[:n_res]
-    # A residual that is a leaf of the new carry (tanh's output, say) is read from the stored carry.
+    n_rest = len(jax.tree.leaves(carry)) + len(jax.tree.leaves(u))
+    varying = _varying_outputs(closed, [False] * len(hoisted_spec) + [True] * n_rest)[:n_res]
+    # A residual that is a leaf of the new carry is read from the stored carry; one that cheap
+    # elementwise work derives from the new carry and loop invariants alone (tanh's `1 - h^2`, say)
+    # is recomputed from it in the reverse loop rather than stored.
     outvars = closed.jaxpr.outvars
     carry_index = {id(v): j for j, v in enumerate(outvars[n_res:]) if not isinstance(v, jex_core.Literal)}
+    derivable = _derivable_from_carry(closed, len(hoisted_spec), n_res)
     source = [
-        ("carry", carry_index[id(v)]) if var and id(v) in carry_index else ("kept" if var else "const", None)
+        ("carry", carry_index[id(v)]) if var and id(v) in carry_index
+        else ("derived", None) if var and v in derivable else ("kept" if var else "const", None)
         for v, var in zip(outvars[:n_res], varying)
     ]
-
+    derived_vars = [v for v, (kind, _) in zip(outvars, source) if kind == "derived"]
     avals = [(v.aval.shape, v.aval.dtype) for v in outvars[:n_res]]
+    site_inputs = [split.varying_inputs(site) for site in split.sites]
+    recomputed = list({id(v): v for vs in site_inputs for v in vs}.values())
 
     def checked(leaves):
         # Residual order depends on the trace context (eager evaluation orders them differently);
@@ -152,51 +181,90 @@ def generic_kernel(step: Callable, params: PyTree, carry: PyTree, u: PyTree) -> 
 
     @jax.jit  # traced, as in the analysis and in the loops, even when called eagerly
     def prepare(p, c, x):
-        leaves, _ = residual_leaves(p, c, x)
-        return [leaf for leaf, (kind, _) in zip(checked(leaves), source) if kind == "const"]
+        hoisted = split.hoist(jax.tree.leaves(p))
+        leaves, _ = residual_leaves(hoisted, c, x)
+        return hoisted, [leaf for leaf, (kind, _) in zip(checked(leaves), source) if kind == "const"]
 
     def forward(p, consts, c, x):
-        del consts
-        (new_c, y), vjp_fn = jax.vjp(lambda c_: step(p, c_, x), c)
+        del p
+        (new_c, y), vjp_fn = jax.vjp(lambda c_, x_, zs: run(consts[0], c_, x_, zs), c, x, split.zero_perturbations())
         leaves = checked(jax.tree.leaves(vjp_fn))
         kept = [leaf for leaf, (kind, _) in zip(leaves, source) if kind == "kept"]
-        return new_c, y, (kept, new_c)
+        return (new_c, new_c, kept) if as_post else (new_c, y, (kept, new_c))
 
     def backward(p, consts, out, prev_out, res, ct_carry, ct_out):
         del p, prev_out
-        kept, new_carry = res
-        its = {"kept": iter(kept), "const": iter(consts)}
+        new_carry = new_carry_of(out, res)
         carry_leaves = jax.tree.leaves(new_carry)
+        derived = _derive(closed, consts[0], carry_leaves, derived_vars)
+        its = {"kept": iter(res if as_post else res[0]), "const": iter(consts[1]), "derived": iter(derived)}
         leaves = [carry_leaves[j] if kind == "carry" else next(its[kind]) for kind, j in source]
         vjp_fn = jax.tree.unflatten(treedef, leaves)
-        (ct_prev,) = vjp_fn((as_jax_cotangent(ct_carry, new_carry), as_jax_cotangent(ct_out, out)))
-        return as_engine_cotangent(ct_prev, new_carry), (ct_carry, ct_out)
+        if as_post:  # the output's cotangent is one on the new carry
+            ct = jax.tree.map(lambda a, b, c: a + b if is_float(c) else a, ct_carry, ct_out, new_carry)
+            ct_prev, ct_x, ct_sites = vjp_fn((as_jax_cotangent(ct, new_carry), None))
+        else:
+            ct_prev, ct_x, ct_sites = vjp_fn((as_jax_cotangent(ct_carry, new_carry), as_jax_cotangent(ct_out, out)))
+        return as_engine_cotangent(ct_prev, new_carry), (ct_sites, ct_x)
 
     def grads(p, consts, carry_start, us, outs, prev_outs, res, locals_):
-        del consts, prev_outs
-        carries_in = jax.tree.map(lambda s, n: jnp.concatenate([s[None], n[:-1]]), carry_start, res[1])
-        ct_carry, ct_out = locals_
-        cts = (as_jax_cotangent(ct_carry, carries_in), as_jax_cotangent(ct_out, outs))
-        first = (_spec(p), _spec(carries_in, lambda s: s[1:]), _spec(us, lambda s: s[1:]))
-        folded = (_spec(carries_in, _fold_shape), _spec(us, _fold_shape))
-        if is_rowwise(step, *first, *folded):
-            # Time folded into the leading (batch) axis: one 2-D VJP for the whole block.
-            fold = functools.partial(jax.tree.map, lambda a: a.reshape(_fold_shape(a.shape)))
-            _, vjp_fn = jax.vjp(lambda p_, us_: step(p_, fold(carries_in), fold(us_)), p, us)
-            return vjp_fn(fold(cts))
-        batched = jax.vmap(step, in_axes=(None, 0, 0))
-        _, vjp_fn = jax.vjp(lambda p_, us_: batched(p_, carries_in, us_), p, us)
-        return vjp_fn(cts)
+        del prev_outs
+        hoisted = consts[0]
+        new_carry = new_carry_of(outs, res)
+        new_carries = jax.tree.leaves(new_carry)
+        carries_in = jax.tree.map(lambda s, n: jnp.concatenate([s[None], n[:-1]]), carry_start, new_carry)
+        ct_sites, ct_x = locals_
+        values = jax.vmap(lambda c, x, n: split.per_step(hoisted, jax.tree.leaves(c), jax.tree.leaves(x),
+                                                         want=recomputed, new_carry=n))(carries_in, us, new_carries)
+        value_of = dict(zip(map(id, recomputed), values))
+        d_hoisted = [None] * len(hoisted)
+        for k, (site, inputs) in enumerate(zip(split.sites, site_inputs)):
+            cts = ct_sites[k if site.same_cotangent_as is None else site.same_cotangent_as]
+            stacked = [value_of[id(v)] for v in inputs]
+            for i, d in split.site_vjp(site, hoisted, stacked, cts).items():
+                d_hoisted[i] = d if d_hoisted[i] is None else d_hoisted[i] + d
+        d_hoisted = [jnp.zeros_like(h) if d is None else d for d, h in zip(d_hoisted, hoisted)]
+        _, hoist_vjp = jax.vjp(split.hoist, jax.tree.leaves(p))
+        (dp,) = hoist_vjp(as_jax_cotangent(d_hoisted, hoisted))
+        return p_tree.unflatten(dp), ct_x
 
-    return Kernel(prepare, identity_project, forward, backward, grads, identity_post)
+    return Kernel(prepare, identity_project, forward, backward, grads, post)
 
 
-def _fold_shape(shape):
-    return (shape[0] * shape[1],) + tuple(shape[2:]) if len(shape) >= 2 else tuple(shape)
+_NOT_CHEAP = frozenset({"dot_general", "conv_general_dilated", "reduce_precision", "sort", "cumsum", "fft"})
 
 
-def _spec(tree: PyTree, shape=lambda s: s) -> PyTree:
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(shape(tuple(np.shape(a))), jnp.result_type(a)), tree)
+def _derivable_from_carry(closed, n_hoisted: int, n_res: int) -> set:
+    """The residual variables of `closed` (outputs: residuals, then the new carry's leaves) that
+    elementwise-cheap equations compute from the new carry and the hoisted inputs alone."""
+    jaxpr = closed.jaxpr
+    known = {v: None for v in list(jaxpr.constvars) + list(jaxpr.invars[:n_hoisted]) + list(jaxpr.outvars[n_res:])
+             if not isinstance(v, jex_core.Literal)}
+    by_id = {id(e): e for e in jaxpr.eqns}
+    derivable = set()
+    for v in jaxpr.outvars[:n_res]:
+        if isinstance(v, jex_core.Literal) or v in known:
+            continue
+        cone = [by_id[i] for i in needed_equations(jaxpr, [v], known)]
+        made = {u for e in cone for u in e.outvars}
+        free = {u for e in cone for u in e.invars if not isinstance(u, jex_core.Literal)} - made
+        if v in made and free <= known.keys() and all(
+                e.primitive.name not in _NOT_CHEAP and not list(jex_core.jaxprs_in_params(e.params)) for e in cone):
+            derivable.add(v)
+    return derivable
+
+
+def _derive(closed, hoisted, new_carry_leaves, variables) -> list:
+    """The values of `variables` (see `_derivable_from_carry`) from the new carry."""
+    if not variables:
+        return []
+    jaxpr = closed.jaxpr
+    n_hoisted = len(hoisted)
+    env = dict(zip(jaxpr.constvars, closed.consts))
+    env.update(zip(jaxpr.invars[:n_hoisted], hoisted))
+    n_res = len(jaxpr.outvars) - len(new_carry_leaves)
+    env.update((v, c) for v, c in zip(jaxpr.outvars[n_res:], new_carry_leaves) if not isinstance(v, jex_core.Literal))
+    return evaluate(jaxpr, env, variables)
 
 
 def is_float(x) -> bool:
