@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.interpreters import partial_eval as pe
 
 from . import _layout
 from . import _reverse
@@ -62,13 +61,18 @@ def hoist_closure(step, params, carry, x):
 
     A custom VJP cannot differentiate with respect to values its function closes over, where
     `lax.scan` can (a hyperparameter, `resettable`'s initial carry, meta-learning); as explicit
-    parameters they get their gradients from the engine like any other parameter. A kernel-backed
-    `Step` keeps its kernel unless a closed-over value is being differentiated right now (under
-    `jit` alone that cannot be known, and `jax.grad` outside the `jit` then raises JAX's error
-    about closed-over values).
+    parameters they get their gradients from the engine like any other parameter. Under `jit`
+    alone it cannot be known whether they will be differentiated, so traced values are always
+    hoisted. A kernel-backed `Step` that declares its closure (`Step.closure`) is run as its
+    `opened` step, which keeps the kernel; any other closed-over traced value is hoisted with
+    `jax.closure_convert`, and the step then takes the generic kernel.
     """
+    if isinstance(step, Step) and step.closure is not None and any(
+        v.is_traced(a) for a in jax.tree.leaves(step.closure)
+    ):
+        step, params = step.opened, (params, step.closure)
     fn, hoisted = jax.closure_convert(lambda p, c, x_: step(p, c, x_), params, carry, x)
-    if not hoisted or (isinstance(step, Step) and all(isinstance(h, pe.DynamicJaxprTracer) for h in hoisted)):
+    if not hoisted:
         return step, params
     return (lambda ph, c, x_: fn(ph[0], c, x_, *ph[1])), (params, list(hoisted))
 
