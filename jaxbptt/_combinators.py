@@ -95,6 +95,8 @@ def resettable(step: StepFn, initial_carry: PyTree) -> StepFn:
     """A step whose input is `(x, reset)`: where `reset` (a bool array of the batch shape) is true,
     the carry is replaced by `initial_carry` (broadcast over the batch) before the step - episode
     boundaries, as in reinforcement learning. Gradients stop at a reset, as across episodes.
+    `initial_carry` may be learned: `jax.grad` with respect to it (under `jit` too) is as through
+    `lax.scan`, and over a kernel-backed step (a built-in cell's) the kernel computes it.
 
     Examples:
       >>> import jax.numpy as jnp, jaxbptt as jb
