@@ -1,5 +1,5 @@
-"""The gradient options of one call: validated when the function is built, resolved once per call
-(for a sequence of known length) into one `Options` record that the engine reads everywhere.
+"""The gradient options of one call: validated first (`check_options`), then resolved once per call,
+for a sequence of known length, into one `Options` record that the engine reads everywhere.
 
 `Options` is a pytree whose only leaves are the two options that may be traced arrays (a chunk
 length or a clipping threshold vmapped over, say); every other field is static metadata. So one
