@@ -13,10 +13,11 @@ from . import _reverse
 from . import _layout
 from . import _validate as v
 from ._kernel import is_float
+from ._options import check_options, poison_invalid, resolve
 from ._path import check_engine, use_autodiff
 from ._remat import make_plan
 from ._types import LossFn, StepFn
-from ._unroll import cast_like, check_options, poison_invalid, resolve_truncation, traced_options
+from ._unroll import cast_like
 
 
 def select_argnums(argnums, grads):
@@ -179,36 +180,31 @@ def value_and_grad(
             dtype = loss_dtype(step, scalar_loss, params, carry, xs, targets)
             aux = empty_aux(loss_fn, jax.eval_shape(step, params, carry, v.first_step(xs))[1], targets) if has_aux else None
             return zero_length_result(argnums, params, carry, xs, diagnostics, dtype, aux)
-        trunc, k, clip = traced_options(truncation, clip_norm, length)
-        if use_autodiff(engine, step, length, _reverse.rows_per_step(carry), _reverse.carry_elements(carry),
-                        remat=remat, truncation=truncation, clip_norm=clip_norm, diagnostics=diagnostics,
-                        check_finite=check_finite, axis_name=axis_name):
+        opts = resolve(length, truncation=truncation, clip_norm=clip_norm, remat=remat, clip_scope=clip_scope,
+                       diagnostics=diagnostics, unroll=unroll, check_finite=check_finite, axis_name=axis_name,
+                       need_xs=2 in nums, engine=engine)
+        rows, elements = _reverse.rows_per_step(carry), _reverse.carry_elements(carry)
+        if use_autodiff(step, length, rows, elements, opts):
             from ._reference import reference_value_and_grad  # it builds on this module
 
             oracle = reference_value_and_grad(step, loss_fn, argnums=argnums, truncation=truncation,
                                               clip_norm=clip_norm, has_aux=has_aux)
             aux, grads = oracle(params, carry, xs, targets)
-            return aux, poison_invalid(grads, k, clip)
-        plan = make_plan(length, remat, _reverse.rows_per_step(carry), _reverse.carry_elements(carry))
+            return aux, poison_invalid(grads, opts)
+        plan = make_plan(length, remat, rows, elements)
         kernel, consts = _reverse.setup(step, params, carry, xs)
         ct_ys, loss = None, (loss_fn, targets)
         if has_aux:  # the stacked aux needs every step's output at once
-            final, ys, saved = _reverse.forward(kernel, params, consts, carry, xs, plan, unroll=unroll,
-                                                check_finite=check_finite)
+            final, ys, saved = _reverse.forward(kernel, params, consts, carry, xs, plan, opts)
             value, loss_vjp, aux = jax.vjp(lambda ys: stacked_loss(loss_fn, ys, targets), ys, has_aux=True)
             (ct_ys,), loss = loss_vjp(jnp.ones_like(value)), None
         else:
-            final, value, saved = _reverse.forward(kernel, params, consts, carry, xs, plan, loss=loss, unroll=unroll,
-                                                   check_finite=check_finite)
+            final, value, saved = _reverse.forward(kernel, params, consts, carry, xs, plan, opts, loss=loss)
         ct_final = jax.tree.map(lambda c: jnp.zeros(c.shape, c.dtype if is_float(c) else jnp.float32), carry)
-        dparams, dcarry, dxs, diag = _reverse.backward(
-            kernel, params, consts, xs, saved, plan,
-            ct_final=ct_final, ct_ys=ct_ys, loss=loss, trunc=resolve_truncation(trunc, k), clip_norm=clip,
-            diagnostics=diagnostics, unroll=unroll, need_xs=2 in nums, check_finite=check_finite,
-            axis_name=axis_name, clip_scope=clip_scope,
-        )
+        dparams, dcarry, dxs, diag = _reverse.backward(kernel, params, consts, xs, saved, plan, opts,
+                                                       ct_final=ct_final, ct_ys=ct_ys, loss=loss)
         grads = (cast_like(dparams, params), cast_like(dcarry, carry), _layout.from_time_major(dxs, time_axis))
-        grads = poison_invalid(select_argnums(argnums, grads), k, clip)
+        grads = poison_invalid(select_argnums(argnums, grads), opts)
         aux = (value, final) + ((aux,) if has_aux else ()) + ((diag,) if diagnostics else ())
         return aux, grads
 

@@ -33,16 +33,17 @@ def _one_step(fn, params, tree):
     return jax.tree.map(lambda a: a[0], fn(params, jax.tree.map(lambda a: a[None], tree)))
 
 
-def _flagged(inner: Kernel, flags):
+def _flagged(inner: Kernel, flags, part=lambda params: params):
     """The pieces shared by the kernels of steps whose input is `(x, flags)` and whose `out` is
-    `(inner out, flags as float32)`: `prepare`, `project` (the flags pass through) and `previous_out`."""
+    `(inner out, flags as float32)`: `prepare`, `project` (the flags pass through) and `previous_out`.
+    `part(params)` are the inner kernel's parameters."""
 
     def prepare(params, carry, u):
-        return inner.prepare(params, carry, u[0])
+        return inner.prepare(part(params), carry, u[0])
 
     def project(params, xs):
         x, flag = xs
-        return inner.project(params, x), flag
+        return inner.project(part(params), x), flag
 
     previous_out = None
     if inner.previous_out is not None:
@@ -90,41 +91,49 @@ def masked_kernel(inner: Kernel, flags) -> Kernel:
 
 
 def resettable_kernel(inner: Kernel, fresh, flags) -> Kernel:
-    """The kernel of `resettable(step, initial_carry)`, whose input is `(x, reset)`; `fresh(carry)`
+    """The kernel of `resettable(step, initial_carry)` with the initial carry as a parameter: its
+    params are `(params, initial_carry)` and its input `(x, reset)`. `fresh(initial_carry, carry)`
     is the initial carry broadcast like `carry`, `flags` one step's `reset` (or its spec).
 
     `out` is `(inner out, reset as float32)`, so the reverse loop knows where to stop the adjoint
-    without storing anything more."""
+    without storing anything more. The gradient of the initial carry is the cotangent of the carry
+    entering the inner step, summed over the rows and steps that reset (through `fresh`'s VJP): the
+    reverse loop forms it per step in `local`, `grads` sums it over the block."""
 
-    prepare, project, previous_out = _flagged(inner, flags)
+    prepare, project, previous_out = _flagged(inner, flags, part=lambda params: params[0])
 
     def forward(params, consts, carry, u):
-        x, reset = u
-        new_carry, out, res = inner.forward(params, consts, _select(reset, fresh(carry), carry), x)
+        (params, initial), (x, reset) = params, u
+        new_carry, out, res = inner.forward(params, consts, _select(reset, fresh(initial, carry), carry), x)
         return new_carry, (out, reset.astype(jnp.float32)), res
 
-    def previous_in(reset, prev_out, like):
+    def previous_in(initial, reset, prev_out, like):
         """The inner kernel's previous `out`: the fresh carry's where the step reset."""
         if prev_out is None:
             return None
-        start = inner.previous_out(fresh(like))
+        start = inner.previous_out(fresh(initial, like))
         return jax.tree.map(lambda s, p: jnp.where(_over_rows(reset, p), s.astype(p.dtype), p), start, prev_out)
 
     def backward(params, consts, out, prev_out, res, ct_carry, ct_out):
-        reset = out[1] > 0
-        ct_prev, local = inner.backward(params, consts, out[0], previous_in(reset, prev_out and prev_out[0], ct_carry),
-                                        res, ct_carry, ct_out[0])
-        return _select(reset, jax.tree.map(jnp.zeros_like, ct_prev), ct_prev), local
+        (params, initial), reset = params, out[1] > 0
+        ct_in, local = inner.backward(params, consts, out[0],
+                                      previous_in(initial, reset, prev_out and prev_out[0], ct_carry), res, ct_carry,
+                                      ct_out[0])
+        zeros = jax.tree.map(jnp.zeros_like, ct_in)
+        _, fresh_vjp = jax.vjp(lambda i: fresh(i, ct_in), initial)
+        (d_initial,) = fresh_vjp(_select(reset, ct_in, zeros))
+        return _select(reset, zeros, ct_in), (local, d_initial)
 
     def grads(params, consts, carry_start, us, outs, prev_outs, res, locals_):
-        reset = outs[1] > 0
-        start = _select(reset[0], fresh(carry_start), carry_start)
+        (params, initial), reset, (locals_, d_initial) = params, outs[1] > 0, locals_
+        start = _select(reset[0], fresh(initial, carry_start), carry_start)
         dparams, dus = inner.grads(params, consts, start, us[0], outs[0],
-                                   previous_in(reset, prev_outs and prev_outs[0], carry_start), res, locals_)
-        return dparams, (dus, _no_cotangent(us[1]))
+                                   previous_in(initial, reset, prev_outs and prev_outs[0], carry_start), res, locals_)
+        d_initial = jax.tree.map(lambda d: jnp.sum(d, axis=0), d_initial)
+        return (dparams, d_initial), (dus, _no_cotangent(us[1]))
 
     def post(params, outs):
-        return inner.post(params, outs[0])
+        return inner.post(params[0], outs[0])
 
     return Kernel(prepare, project, forward, backward, grads, post, previous_out)
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._combinator_kernels import masked_kernel, resettable_kernel, stacked_kernel
-from ._kernel import Kernel, Step, generic_kernel
+from ._kernel import Kernel, Step, closed, generic_kernel, reparametrized
 from ._cells import Cell
 from ._models import stacked_cells
 from ._types import PyTree, StepFn
@@ -73,8 +73,10 @@ def masked(step: StepFn) -> StepFn:
         carry = jax.tree.map(lambda new, old: jnp.where(_over_rows(m, new), new, old), new_carry, carry)
         return carry, jax.tree.map(lambda a: jnp.where(_over_rows(m, a), a, jnp.zeros((), a.dtype)), y)
 
-    if isinstance(step, Step):
-        return Step(masked_step, lambda params, carry, u: masked_kernel(step.make_kernel(params, carry, u[0]), u[1]))
+    if isinstance(step, Step):  # the mask passes the params through, so the inner step's closure is its own
+        opened = None if step.closure is None else masked(step.opened)
+        return Step(masked_step, lambda params, carry, u: masked_kernel(step.make_kernel(params, carry, u[0]), u[1]),
+                    closure=step.closure, opened=opened)
     return masked_step
 
 
@@ -93,6 +95,8 @@ def resettable(step: StepFn, initial_carry: PyTree) -> StepFn:
     """A step whose input is `(x, reset)`: where `reset` (a bool array of the batch shape) is true,
     the carry is replaced by `initial_carry` (broadcast over the batch) before the step - episode
     boundaries, as in reinforcement learning. Gradients stop at a reset, as across episodes.
+    `initial_carry` may be learned: `jax.grad` with respect to it (under `jit` too) is as through
+    `lax.scan`, and over a kernel-backed step (a built-in cell's) the kernel computes it.
 
     Examples:
       >>> import jax.numpy as jnp, jaxbptt as jb
@@ -103,19 +107,36 @@ def resettable(step: StepFn, initial_carry: PyTree) -> StepFn:
       [1.0, 2.0, 1.0, 2.0]
     """
 
-    def fresh(carry):
-        return jax.tree.map(lambda init, c: jnp.broadcast_to(jnp.asarray(init, c.dtype), c.shape), initial_carry, carry)
+    def fresh(initial, carry):
+        return jax.tree.map(lambda init, c: jnp.broadcast_to(jnp.asarray(init, c.dtype), c.shape), initial, carry)
 
-    def resettable_step(params, carry, inputs):
+    def reset_step(step, initial, params, carry, inputs):
         x, reset = inputs
         _check_flags("reset", reset, carry, "carry")
-        carry = jax.tree.map(lambda f, c: jnp.where(_over_rows(reset, c), f, c), fresh(carry), carry)
+        carry = jax.tree.map(lambda f, c: jnp.where(_over_rows(reset, c), f, c), fresh(initial, carry), carry)
         return step(params, carry, x)
 
-    if isinstance(step, Step):
-        return Step(resettable_step,
-                    lambda params, carry, u: resettable_kernel(step.make_kernel(params, carry, u[0]), fresh, u[1]))
-    return resettable_step
+    def resettable_step(params, carry, inputs):
+        return reset_step(step, initial_carry, params, carry, inputs)
+
+    if not isinstance(step, Step):
+        return resettable_step
+    # Kernel-backed: the initial carry is a declared closure (a parameter of the opened step), so that
+    # `jax.grad` with respect to it reaches the kernel, which returns its gradient.
+    inner = step if step.closure is None else step.opened
+
+    def open_step(params, carry, inputs):
+        return reset_step(inner, params[1], params[0], carry, inputs)
+
+    def open_kernel(params, carry, u):
+        return resettable_kernel(inner.make_kernel(params[0], carry, u[0]), fresh, u[1])
+
+    opened = Step(open_step, open_kernel)  # params: (inner params, initial_carry)
+    if step.closure is None:
+        return closed(resettable_step, opened, initial_carry)
+    # The inner step's own closure joins this one: params (params, (inner closure, initial_carry)).
+    opened = reparametrized(opened, lambda pc: ((pc[0], pc[1][0]), pc[1][1]))
+    return closed(resettable_step, opened, (step.closure, initial_carry))
 
 
 def stacked(*steps: StepFn, residual: bool = False, dropout: float = 0.0) -> StepFn:
@@ -179,9 +200,16 @@ def stacked(*steps: StepFn, residual: bool = False, dropout: float = 0.0) -> Ste
             x = y
         return (tuple(new_carry) if isinstance(carry, tuple) else new_carry), x
 
-    if all(isinstance(s, Step) for s in steps):
-        return Step(stacked_step, lambda params, carry, x: _stacked_kernel(steps, residual, stacked_step, params, carry, x))
-    return stacked_step
+    if not all(isinstance(s, Step) for s in steps):
+        return stacked_step
+    kernel = lambda params, carry, x: _stacked_kernel(steps, residual, stacked_step, params, carry, x)
+    if all(s.closure is None for s in steps):
+        return Step(stacked_step, kernel)
+    # The layers' closures, one entry per layer: params (layer params, layer closures).
+    opened = stacked(*(s if s.closure is None else s.opened for s in steps), residual=residual)
+    opened = reparametrized(opened, lambda pc: tuple(p if s.closure is None else (p, c)
+                                                     for s, p, c in zip(steps, pc[0], pc[1])))
+    return closed(stacked_step, opened, tuple(s.closure for s in steps))
 
 
 def _stacked_kernel(steps, residual: bool, stacked_step, params, carry, x) -> Kernel:

@@ -60,21 +60,71 @@ class Step:
     Calling it is calling the plain step, so it works everywhere a step function does; the engine
     calls `make_kernel(params, carry, u)` instead of deriving a generic kernel. Wrapping it in
     another function drops this and falls back to the generic (still exact) path.
+
+    A step that closes over arrays a derivative may be taken with respect to (`resettable`'s initial
+    carry) declares them: `closure` is that pytree of values and `opened` the same step with them
+    as explicit parameters, `opened((params, closure), carry, x) == step(params, carry, x)`, whose
+    kernel returns their gradients too. When they are traced, the engine runs `opened` with
+    `(params, closure)` (see `_unroll.hoist_closure`), so that a custom VJP never closes over them.
     """
 
-    def __init__(self, fn: Callable, make_kernel: Callable[..., Kernel], *, same_batch: bool = False):
+    def __init__(self, fn: Callable, make_kernel: Callable[..., Kernel], *, same_batch: bool = False,
+                 closure: PyTree = None, opened: Optional["Step"] = None):
         functools.update_wrapper(self, fn, updated=())
         self._fn = fn
         self.make_kernel = make_kernel
         # The kernel assumes every input and carry leaf has the same batch shape (the built-in cells);
         # other inputs (an input broadcast against a batched carry, say) take the generic kernel.
         self.same_batch = same_batch
+        self.closure = closure
+        self.opened = opened
 
     def __call__(self, params, carry, x):
         return self._fn(params, carry, x)
 
     def __repr__(self) -> str:
         return f"jaxbptt.Step({self.__name__})"
+
+
+def reparametrized(step: Step, split: Callable[[PyTree], PyTree]) -> Step:
+    """`step` taking its parameters in another layout: `split(params)` are `step`'s parameters.
+
+    `split` only rearranges (or binds constants into) the parameter pytree, so the kernel's
+    parameter gradients are mapped back by its VJP, exactly.
+    """
+
+    def fn(params, carry, x):
+        return step(split(params), carry, x)
+
+    def make_kernel(params, carry, u):
+        return _reparametrized_kernel(kernel_for(step, split(params), carry, u), split)
+
+    return Step(fn, make_kernel, same_batch=step.same_batch)
+
+
+def closed(fn: Callable, opened: Step, closure: PyTree) -> Step:
+    """The Step `fn`, equal to `opened((params, closure), carry, x)`, declaring `closure`."""
+    bound = reparametrized(opened, lambda params: (params, closure))
+    return Step(fn, bound.make_kernel, same_batch=opened.same_batch, closure=closure, opened=opened)
+
+
+def _reparametrized_kernel(inner: Kernel, split) -> Kernel:
+    def grads(params, consts, carry_start, us, outs, prev_outs, res, locals_):
+        inner_params, pullback = jax.vjp(split, params)
+        dinner, dus = inner.grads(inner_params, consts, carry_start, us, outs, prev_outs, res, locals_)
+        dinner = jax.tree.map(lambda d, p: d.astype(jnp.result_type(p)) if is_float(p) else d, dinner, inner_params)
+        (dparams,) = pullback(as_jax_cotangent(dinner, inner_params))
+        return dparams, dus
+
+    return Kernel(
+        prepare=lambda params, carry, u: inner.prepare(split(params), carry, u),
+        project=lambda params, xs: inner.project(split(params), xs),
+        forward=lambda params, consts, carry, u: inner.forward(split(params), consts, carry, u),
+        backward=lambda params, *rest: inner.backward(split(params), *rest),
+        grads=grads,
+        post=lambda params, outs: inner.post(split(params), outs),
+        previous_out=inner.previous_out,
+    )
 
 
 def kernel_for(step: Callable, params: PyTree, carry: PyTree, x: PyTree) -> Kernel:

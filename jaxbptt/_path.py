@@ -15,7 +15,12 @@ mode, no cross-device norms, exact BPTT or chunked truncation by a static length
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._kernel import Step
+
+if TYPE_CHECKING:
+    from ._options import Options
 
 ENGINES = ("auto", "reverse", "autodiff")
 
@@ -63,12 +68,10 @@ def prefers_autodiff(length: int, rows: int, elements: int) -> bool:
     return rows >= _AUTODIFF_MIN_ROWS and length <= _AUTODIFF_MAX_LENGTH
 
 
-def use_autodiff(engine: str, step, length: int, rows: int, elements: int, *, remat=None, truncation=None,
-                 clip_norm=None, diagnostics=False, check_finite=False, axis_name=None, probe=None) -> bool:
-    """Whether this call takes the autodiff path."""
-    if engine != "auto":
-        return engine == "autodiff"
-    static = truncation is None or (isinstance(truncation, int) and not isinstance(truncation, bool))
-    plain = (remat is None and clip_norm is None and static and not diagnostics and not check_finite
-             and axis_name is None and probe is None)
+def use_autodiff(step, length: int, rows: int, elements: int, opts: "Options") -> bool:
+    """Whether this call, with its resolved options, takes the autodiff path."""
+    if opts.engine != "auto":
+        return opts.engine == "autodiff"
+    plain = (opts.remat is None and opts.clip_norm is None and opts.static_truncation and not opts.diagnostics
+             and not opts.check_finite and opts.axis_name is None)
     return plain and isinstance(step, Step) and prefers_autodiff(length, rows, elements)

@@ -16,7 +16,7 @@ clipping, diagnostics and memory policies are options of this one loop, never se
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,9 @@ from jax.experimental import checkify
 from ._kernel import Kernel, is_float, kernel_for
 from ._remat import Plan
 from ._types import PyTree
+
+if TYPE_CHECKING:
+    from ._options import Options
 
 
 class Truncation(NamedTuple):
@@ -113,37 +116,61 @@ def _run_block(kernel: Kernel, params, consts, carry, xs_block, unroll, check_fr
     return carry, outs, res
 
 
-def forward(kernel: Kernel, params, consts, carry, xs, plan: Plan, *, loss=None, unroll=1, check_finite=False):
+class Blocks(NamedTuple):
+    """What the forward pass keeps of one group of equal blocks, stacked over the group's blocks."""
+
+    carry: PyTree  # shape=(blocks, *carry): the carry entering each block
+    outs: Optional[PyTree] = None  # shape=(blocks, block, ...): every step's `out`; None when recomputed
+    res: Optional[PyTree] = None  # shape=(blocks, block, ...): every step's `res`; None when recomputed
+
+
+class Saved(NamedTuple):
+    """What the forward pass keeps for the reverse scan, per memory policy (`_remat.Plan`).
+
+    - `remat=None` (`plan.store`): `groups` holds, per group of `plan.groups`, the `Blocks` with
+      every step's `out` and `res`;
+    - every s steps, `"sqrt"`: `groups` holds, per group, the `Blocks` with the carry entering each
+      block only (each block is recomputed from it);
+    - a binomial schedule (`plan.schedule`): `groups` is empty and `start` is the initial carry, the
+      schedule's first snapshot (it recomputes and stores everything else itself).
+    """
+
+    groups: tuple[Blocks, ...] = ()
+    start: Optional[PyTree] = None  # the initial carry, for a binomial schedule only
+
+
+def forward(kernel: Kernel, params, consts, carry, xs, plan: Plan, opts: "Options", *, loss=None):
     """Run the sequence forward, keeping what `plan` asks for.
 
     Args:
+      opts: the call's options (`unroll`; `check_finite` adds `checkify` checks naming the first step
+        with a non-finite value).
       loss: None to return the stacked outputs `ys`; `(loss_fn, targets)` to return instead the sum
         of per-step losses, computed block by block so that `ys` is never stored whole.
-      check_finite: add `checkify` checks naming the first step with a non-finite value.
 
     Returns:
-      `(final_carry, ys_or_loss, saved)`, `saved` being one entry per group of blocks.
+      `(final_carry, ys_or_loss, saved)`, `saved` a `Saved`.
     """
-    saved, heads = ([carry] if plan.schedule is not None else []), []  # binomial: only the start
+    start_carry, groups, heads = carry, [], []
     for start, block, count in plan.groups:
 
         def block_fn(c, i, start=start, block=block):
             t0 = start + i * block
-            c_end, outs, res = _run_block(kernel, params, consts, c, slice_time(xs, t0, block), unroll,
-                                          t0 if check_finite else None)
+            c_end, outs, res = _run_block(kernel, params, consts, c, slice_time(xs, t0, block), opts.unroll,
+                                          t0 if opts.check_finite else None)
             ys = kernel.post(params, outs)
             if loss is None:
                 head = ys
             else:
                 loss_fn, targets = loss
                 head = _block_loss(loss_fn, ys, slice_time(targets, t0, block))
-            keep = (c, outs, res) if plan.store else (c if plan.schedule is None else None)
+            keep = None if plan.schedule is not None else Blocks(c, outs, res) if plan.store else Blocks(c)
             return c_end, (keep, head)
 
         carry, (keep, head) = lax.scan(block_fn, carry, jnp.arange(count))
-        if plan.schedule is None:
-            saved.append(keep)
+        groups.append(keep)
         heads.append(head)
+    saved = Saved(start=start_carry) if plan.schedule is not None else Saved(groups=tuple(groups))
     if loss is None:
         return carry, _concat_time(heads), saved
     return carry, sum(jnp.sum(h) for h in heads), saved
@@ -188,9 +215,9 @@ def _expand(mask, leaf):
     return mask.reshape(mask.shape + (1,) * (leaf.ndim - mask.ndim))
 
 
-def _adjoint_step(kernel, params, consts, out, prev_out, res, slots, ct_out, t, trunc, clip_norm, diagnostics,
-                  check_finite=False, axis_name=None, clip_scope="batch"):
+def _adjoint_step(kernel, params, consts, out, prev_out, res, slots, ct_out, t, opts: "Options"):
     """One step of the reverse loop: slots hold the cotangents of carry_t, one per live window."""
+    trunc, clip_norm, axis_name = opts.trunc, opts.clip_norm, opts.axis_name
     m = trunc.slots
     if m == 1:
         a = jax.tree.map(lambda s: s[0], slots)
@@ -204,10 +231,10 @@ def _adjoint_step(kernel, params, consts, out, prev_out, res, slots, ct_out, t, 
         local = jax.tree.map(lambda x: jnp.sum(x, axis=0), local_slots)
 
     a_prev = jax.tree.map(lambda x, s: x.astype(s.dtype), a_prev, slots)  # kernels may compute in float32
-    if check_finite:
+    if opts.check_finite:
         assert_finite(a_prev, "jaxbptt: non-finite cotangent in the backward pass, of the carry entering step {t}", t=t)
     record = None
-    if diagnostics:
+    if opts.diagnostics:
         total = a_prev if m == 1 else jax.tree.map(lambda x: jnp.sum(x, axis=0, keepdims=True), a_prev)
         record = [_global_norm_per_slot(total, axis_name)[0], jnp.zeros((), bool)]
     if trunc.active:
@@ -216,13 +243,13 @@ def _adjoint_step(kernel, params, consts, out, prev_out, res, slots, ct_out, t, 
         cut = (jnp.arange(m) == ((t + trunc.k2) // trunc.k1 - 1) % m) & opens & (t > 0)
         a_prev = jax.tree.map(lambda x: jnp.where(_expand(cut, x), jnp.zeros((), x.dtype), x), a_prev)
     if clip_norm is not None:
-        norms = _clip_norms(a_prev, clip_scope, axis_name)
+        norms = _clip_norms(a_prev, opts.clip_scope, axis_name)
         over = norms > clip_norm
         scale = jnp.where(over, clip_norm / jnp.where(over, norms, 1), 1)
         a_prev = jax.tree.map(lambda x: (x * _expand(scale, x)).astype(x.dtype), a_prev)
-        if diagnostics:
+        if opts.diagnostics:
             record[1] = jnp.any(over)
-    return a_prev, local, (tuple(record) if diagnostics else None)
+    return a_prev, local, (tuple(record) if opts.diagnostics else None)
 
 
 def _add(acc, tree):
@@ -235,7 +262,7 @@ def accumulator_like(params) -> PyTree:
 
 
 class _Backward(NamedTuple):
-    """What every block of one reverse scan shares (static options and traced inputs)."""
+    """What every block of one reverse scan shares (the options and the traced inputs)."""
 
     kernel: Kernel
     params: Any
@@ -243,14 +270,8 @@ class _Backward(NamedTuple):
     xs: Any
     ct_ys: Any
     loss: Any
-    trunc: Truncation
-    clip_norm: Any
-    diagnostics: bool
-    unroll: int
+    opts: "Options"
     x_diff: list
-    check_finite: bool = False
-    axis_name: Any = None
-    clip_scope: str = "batch"
 
     def block(self, slots, acc, t0, length: int, carry_start, stored=None):
         """Reverse the block [t0, t0 + length): its output cotangents, the carry-adjoint loop, then its
@@ -259,7 +280,7 @@ class _Backward(NamedTuple):
         kernel, params, consts = self.kernel, self.params, self.consts
         xs_block = slice_time(self.xs, t0, length)
         if stored is None:
-            _, outs, res = _run_block(kernel, params, consts, carry_start, xs_block, self.unroll)
+            _, outs, res = _run_block(kernel, params, consts, carry_start, xs_block, self.opts.unroll)
         else:
             outs, res = stored
         if self.loss is None:
@@ -278,14 +299,12 @@ class _Backward(NamedTuple):
 
         def step_fn(slots, inputs):
             j, (out, prev_out, r, ct_out) = inputs
-            slots, local, record = _adjoint_step(
-                kernel, params, consts, out, prev_out, r, slots, ct_out, t0 + j, self.trunc, self.clip_norm,
-                self.diagnostics, self.check_finite, self.axis_name, self.clip_scope,
-            )
+            slots, local, record = _adjoint_step(kernel, params, consts, out, prev_out, r, slots, ct_out, t0 + j,
+                                                 self.opts)
             return slots, (local, record)
 
         slots, (locals_, record) = lax.scan(
-            step_fn, slots, (jnp.arange(length), (outs, prev_outs, res, ct_outs)), reverse=True, unroll=self.unroll
+            step_fn, slots, (jnp.arange(length), (outs, prev_outs, res, ct_outs)), reverse=True, unroll=self.opts.unroll
         )
         x_leaves, x_tree = jax.tree.flatten(xs_block)
 
@@ -298,26 +317,26 @@ class _Backward(NamedTuple):
         dus = jax.tree.map(lambda d, u: d if d.dtype == jax.dtypes.float0 else d.astype(u.dtype), dus, us)
         dp_proj, dx = project_vjp(dus)
         acc = _add(_add(_add(acc, dp_post), dp_core), dp_proj)
-        if self.check_finite:
+        if self.opts.check_finite:
             assert_finite(acc, "jaxbptt: non-finite parameter gradient in the backward pass, from steps {t0} "
                           "to {t1}", t0=t0, t1=t0 + length - 1)
         return slots, acc, dx, record
 
 
-def _revolve(bwd: _Backward, plan: Plan, saved, slots, acc):
+def _revolve(bwd: _Backward, plan: Plan, saved: Saved, slots, acc):
     """Run a binomial schedule (`_remat.Schedule`) as one `lax.scan` with a static trip count (so
     that it can itself be differentiated): each iteration may restore the current carry from a
     snapshot, then reverses the current unit with `_Backward.block` or advances the carry over it,
     and may store the carry reached."""
     schedule = plan.schedule
-    (carry0,) = saved
+    carry0 = saved.start
     unit, tail_length = plan.groups[0][1], plan.groups[-1][1]
     record_shape = jax.eval_shape(lambda: bwd.block(slots, acc, jnp.zeros((), jnp.int32), unit, carry0)[2:])
     buffers = jax.tree.map(lambda a: jnp.zeros((plan.length,) + a.shape[1:], a.dtype), record_shape)
     snaps = jax.tree.map(lambda c: jnp.zeros((schedule.slots,) + c.shape, c.dtype).at[0].set(c), carry0)
 
     def advance(carry, t0, slots, acc, buffers):
-        carry, _, _ = _run_block(bwd.kernel, bwd.params, bwd.consts, carry, slice_time(bwd.xs, t0, unit), bwd.unroll)
+        carry, _, _ = _run_block(bwd.kernel, bwd.params, bwd.consts, carry, slice_time(bwd.xs, t0, unit), bwd.opts.unroll)
         return carry, slots, acc, buffers
 
     def reverse(length):
@@ -345,50 +364,34 @@ def _revolve(bwd: _Backward, plan: Plan, saved, slots, acc):
     return slots, acc, dx, record
 
 
-def backward(
-    kernel: Kernel,
-    params,
-    consts,
-    xs,
-    saved,
-    plan: Plan,
-    *,
-    ct_final,
-    ct_ys=None,
-    loss=None,
-    trunc: Truncation = EXACT,
-    clip_norm: Optional[Any] = None,
-    diagnostics: bool = False,
-    unroll=1,
-    need_xs: bool = True,
-    check_finite: bool = False,
-    axis_name=None,
-    clip_scope: str = "batch",
-):
+def backward(kernel: Kernel, params, consts, xs, saved: Saved, plan: Plan, opts: "Options", *, ct_final, ct_ys=None,
+             loss=None):
     """The reverse scan.
 
     Args:
+      saved: what `forward` kept under `plan`.
+      opts: the call's options: truncation, clipping (`clip_scope` "batch" clips each slot's global
+        norm, "example" each row of the carry's leading batch axis on its own), diagnostics (the
+        global norm either way; `clipped` is then true when any example was rescaled), `need_xs`,
+        `unroll`, `check_finite`, `axis_name`.
       ct_final: cotangent of the final carry (an error of the last chunk under truncation).
       ct_ys: cotangents of the stacked outputs, or None when `loss` is given.
       loss: `(loss_fn, targets)`: output cotangents are the gradients of the summed per-step loss.
-      clip_scope: "batch" clips each slot's global norm; "example" each row of the carry's leading
-        batch axis on its own. Diagnostics keep the global norm either way; `clipped` is then true
-        when any example was rescaled.
 
     Returns:
-      `(dparams, dcarry, dxs, diag)`; `dxs` is None unless `need_xs` (float0 zeros for integer
-      leaves), `diag` is None unless `diagnostics`. `dparams` is accumulated in at least float32;
-      `dcarry` holds float32 zeros for integer carry leaves.
+      `(dparams, dcarry, dxs, diag)`; `dxs` is None unless `opts.need_xs` (float0 zeros for integer
+      leaves), `diag` is None unless `opts.diagnostics`. `dparams` is accumulated in at least
+      float32; `dcarry` holds float32 zeros for integer carry leaves.
     """
+    trunc = opts.trunc
     m = trunc.slots
     last_own = ((plan.length - 1) // trunc.k1) % m if m > 1 else 0
     slots = jax.tree.map(
         lambda c: jnp.zeros((m,) + c.shape, c.dtype).at[last_own].set(c), ct_final
     )
     acc = accumulator_like(params)
-    x_diff = [need_xs and is_float(x) for x in jax.tree.leaves(xs)]
-    bwd = _Backward(kernel, params, consts, xs, ct_ys, loss, trunc, clip_norm, diagnostics, unroll, x_diff,
-                    check_finite, axis_name, clip_scope)
+    x_diff = [opts.need_xs and is_float(x) for x in jax.tree.leaves(xs)]
+    bwd = _Backward(kernel, params, consts, xs, ct_ys, loss, opts, x_diff)
     if plan.schedule is not None:
         slots, acc, dx_flat, record = _revolve(bwd, plan, saved, slots, acc)
     else:
@@ -398,22 +401,22 @@ def backward(
 
             def block_fn(state, inputs, start=start, block=block):
                 i, kept = inputs
-                stored = kept[1:] if plan.store else None
-                carry_start = kept[0] if plan.store else kept
-                slots, acc, dx, record = bwd.block(*state, start + i * block, block, carry_start, stored)
+                stored = (kept.outs, kept.res) if plan.store else None
+                slots, acc, dx, record = bwd.block(*state, start + i * block, block, kept.carry, stored)
                 return (slots, acc), (dx, record)
 
-            (slots, acc), (dx, record) = lax.scan(block_fn, (slots, acc), (jnp.arange(count), saved[g]), reverse=True)
+            (slots, acc), (dx, record) = lax.scan(block_fn, (slots, acc), (jnp.arange(count), saved.groups[g]),
+                                                  reverse=True)
             dx_groups.insert(0, dx)
             diag_groups.insert(0, record)
         dx_flat, record = _concat_time(dx_groups), _concat_time(diag_groups)
 
     dcarry = jax.tree.map(lambda s: jnp.sum(s, axis=0), slots)
     dxs = None
-    if need_xs:
+    if opts.need_xs:
         dx_it = iter(dx_flat)
         dxs = jax.tree.map(lambda x: next(dx_it) if is_float(x) else np.zeros(x.shape, jax.dtypes.float0), xs)
-    diag = Diagnostics(*record) if diagnostics else None
+    diag = Diagnostics(*record) if opts.diagnostics else None
     return acc, dcarry, dxs, diag
 
 

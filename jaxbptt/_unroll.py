@@ -8,52 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.interpreters import partial_eval as pe
 
 from . import _layout
 from . import _reverse
 from . import _validate as v
 from ._kernel import Step, as_engine_cotangent, is_float
+from ._options import check_options, poison_invalid, resolve
 from ._path import check_engine, use_autodiff
-from ._remat import make_plan, validate_remat
+from ._remat import make_plan
 from ._types import Carry, Params, PyTree, StepFn
-
-
-def check_options(truncation, remat, clip_norm, unroll) -> None:
-    v.check_truncation(truncation)
-    validate_remat(remat)
-    v.check_clip_norm(clip_norm)
-    if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
-        raise ValueError(f"unroll must be a positive int (steps per loop iteration, as in lax.scan); got unroll={unroll!r}.")
-
-
-def traced_options(truncation, clip_norm, length):
-    """The loop's static truncation layout, and the option values that stay traced arrays."""
-    truncation = v.static_truncation(truncation)
-    trunc = _reverse.truncation_spec(truncation, length)
-    k = truncation if trunc.active and v.is_traced(truncation) else None
-    if k is not None:
-        # Any k >= T is exact BPTT; clamping keeps the loop's `t + k` far from integer overflow.
-        k = jnp.minimum(k, length)
-    clip = None if clip_norm is None else jnp.asarray(clip_norm)
-    return trunc, k, clip
-
-
-def resolve_truncation(trunc: _reverse.Truncation, k):
-    """Put a traced chunk length into the static layout."""
-    return trunc if k is None else trunc._replace(k1=k, k2=k)
-
-
-def poison_invalid(grads: PyTree, k, clip) -> PyTree:
-    """Traced options cannot be checked at trace time: out-of-range values give NaN gradients."""
-    ok = True
-    if k is not None:
-        ok = ok & (k >= 1)
-    if clip is not None:
-        ok = ok & (clip > 0) & jnp.isfinite(clip)
-    if ok is True:
-        return grads
-    return jax.tree.map(lambda g: g if g.dtype == jax.dtypes.float0 else jnp.where(ok, g, jnp.nan).astype(g.dtype), grads)
 
 
 def cast_like(tree: PyTree, like: PyTree) -> PyTree:
@@ -98,45 +61,47 @@ def hoist_closure(step, params, carry, x):
 
     A custom VJP cannot differentiate with respect to values its function closes over, where
     `lax.scan` can (a hyperparameter, `resettable`'s initial carry, meta-learning); as explicit
-    parameters they get their gradients from the engine like any other parameter. A kernel-backed
-    `Step` keeps its kernel unless a closed-over value is being differentiated right now (under
-    `jit` alone that cannot be known, and `jax.grad` outside the `jit` then raises JAX's error
-    about closed-over values).
+    parameters they get their gradients from the engine like any other parameter. Under `jit`
+    alone it cannot be known whether they will be differentiated, so traced values are always
+    hoisted. A kernel-backed `Step` that declares its closure (`Step.closure`) is run as its
+    `opened` step, which keeps the kernel; any other closed-over traced value is hoisted with
+    `jax.closure_convert`, and the step then takes the generic kernel.
     """
+    if isinstance(step, Step) and step.closure is not None and any(
+        v.is_traced(a) for a in jax.tree.leaves(step.closure)
+    ):
+        step, params = step.opened, (params, step.closure)
     fn, hoisted = jax.closure_convert(lambda p, c, x_: step(p, c, x_), params, carry, x)
-    if not hoisted or (isinstance(step, Step) and all(isinstance(h, pe.DynamicJaxprTracer) for h in hoisted)):
+    if not hoisted:
         return step, params
     return (lambda ph, c, x_: fn(ph[0], c, x_, *ph[1])), (params, list(hoisted))
 
 
-def _differentiable_unroll(step, trunc, plan, unroll):
+def _differentiable_unroll(step, plan):
     @jax.custom_vjp
-    def run(params, carry, xs, k, clip, probe):
-        del k, clip, probe
-        return lax.scan(lambda c, x: step(params, c, x), carry, xs, unroll=unroll)
+    def run(params, carry, xs, opts, probe):
+        del probe
+        return lax.scan(lambda c, x: step(params, c, x), carry, xs, unroll=opts.unroll)
 
-    def run_fwd(params, carry, xs, k, clip, probe):
+    def run_fwd(params, carry, xs, opts, probe):
         kernel, consts = _reverse.setup(step, params, carry, xs)
-        final, ys, saved = _reverse.forward(kernel, params, consts, carry, xs, plan, unroll=unroll)
-        return (final, ys), (params, carry, xs, consts, saved, k, clip, probe)
+        final, ys, saved = _reverse.forward(kernel, params, consts, carry, xs, plan, opts)
+        return (final, ys), (params, carry, xs, consts, saved, opts, probe)
 
     def run_bwd(residuals, cotangents):
-        params, carry, xs, consts, saved, k, clip, probe = residuals
+        params, carry, xs, consts, saved, opts, probe = residuals
         ct_final, ct_ys = cotangents
         kernel, _ = _reverse.setup(step, params, carry, xs)
         dparams, dcarry, dxs, diag = _reverse.backward(
-            kernel, params, consts, xs, saved, plan,
-            ct_final=as_engine_cotangent(ct_final, carry), ct_ys=ct_ys,
-            trunc=resolve_truncation(trunc, k), clip_norm=clip, unroll=unroll,
-            diagnostics=probe is not None,
+            kernel, params, consts, xs, saved, plan, opts, ct_final=as_engine_cotangent(ct_final, carry), ct_ys=ct_ys
         )
         dcarry = jax.tree.map(
             lambda g, c: g.astype(c.dtype) if is_float(c) else np.zeros(c.shape, jax.dtypes.float0), dcarry, carry
         )
-        grads = poison_invalid((cast_like(dparams, params), dcarry, dxs), k, clip)
+        grads = poison_invalid((cast_like(dparams, params), dcarry, dxs), opts)
         if probe is not None:
             diag = jax.tree.map(lambda d, p: d.astype(p.dtype), diag, probe)
-        return grads + (None, None if clip is None else jnp.zeros_like(clip), diag)
+        return grads + (None, diag)  # the options get no gradient, as through the surrogate
 
     run.defvjp(run_fwd, run_bwd)
     return run
@@ -246,14 +211,15 @@ def unroll(
     flip = functools.partial(jax.tree.map, lambda a: jnp.flip(a, axis=0))
     if reverse:
         xs, probe = flip(xs), flip(probe)
-    trunc, k, clip = traced_options(truncation, clip_norm, length)
-    if use_autodiff(engine, step, length, _reverse.rows_per_step(carry), _reverse.carry_elements(carry),
-                    remat=remat, truncation=truncation, clip_norm=clip_norm, probe=probe):
+    opts = resolve(length, truncation=truncation, clip_norm=clip_norm, remat=remat, diagnostics=probe is not None,
+                   unroll=unroll, engine=engine)
+    rows, elements = _reverse.rows_per_step(carry), _reverse.carry_elements(carry)
+    if use_autodiff(step, length, rows, elements, opts):
         from ._reference import reference_unroll  # it builds on this module
 
         final, ys = reference_unroll(step, params, carry, xs, truncation=truncation, clip_norm=clip_norm)
         return final, _layout.from_time_major(flip(ys) if reverse else ys, time_axis)
-    plan = make_plan(length, remat, _reverse.rows_per_step(carry), _reverse.carry_elements(carry))
+    plan = make_plan(length, remat, rows, elements)
     step, params = hoist_closure(step, params, carry, jax.tree.map(lambda a: a[0], xs))
-    final, ys = _differentiable_unroll(step, trunc, plan, unroll)(params, carry, xs, k, clip, probe)
+    final, ys = _differentiable_unroll(step, plan)(params, carry, xs, opts, probe)
     return final, _layout.from_time_major(flip(ys) if reverse else ys, time_axis)

@@ -8,6 +8,7 @@ import pytest
 
 import jaxbptt as jb
 from jaxbptt import _path
+from jaxbptt._options import resolve
 from jaxbptt._remat import make_plan
 from steps import problem
 
@@ -60,14 +61,16 @@ def test_engine_errors():
 
 def test_auto_keeps_the_engine_where_an_option_needs_it():
     cell = jb.lstm(8).step
+    opts = lambda engine="auto", **option: resolve(25, engine=engine, **option)
     assert _path.prefers_autodiff(25, 64, 2 * 64 * 8)  # a size the cost model gives to autodiff
-    assert _path.use_autodiff("auto", cell, 25, 64, 2 * 64 * 8)
-    for option in (dict(remat=5), dict(clip_norm=1.0), dict(truncation=(2, 4)), dict(diagnostics=True),
-                   dict(check_finite=True), dict(axis_name="batch"), dict(probe=object())):
-        assert not _path.use_autodiff("auto", cell, 25, 64, 2 * 64 * 8, **option)
-    assert not _path.use_autodiff("auto", lambda p, c, x: (c, c), 25, 64, 2 * 64 * 8)  # measured on built-ins only
-    assert not _path.use_autodiff("reverse", cell, 25, 64, 2 * 64 * 8)
-    assert _path.use_autodiff("autodiff", cell, 10_000, 1, 8)
+    assert _path.use_autodiff(cell, 25, 64, 2 * 64 * 8, opts())
+    assert _path.use_autodiff(cell, 25, 64, 2 * 64 * 8, opts(truncation=5))
+    for option in (dict(remat=5), dict(clip_norm=1.0), dict(truncation=(2, 4)), dict(diagnostics=True),  # or a probe
+                   dict(check_finite=True), dict(axis_name="batch")):
+        assert not _path.use_autodiff(cell, 25, 64, 2 * 64 * 8, opts(**option))
+    assert not _path.use_autodiff(lambda p, c, x: (c, c), 25, 64, 2 * 64 * 8, opts())  # measured on built-ins only
+    assert not _path.use_autodiff(cell, 25, 64, 2 * 64 * 8, opts("reverse"))
+    assert _path.use_autodiff(cell, 10_000, 1, 8, opts("autodiff"))
 
 
 @pytest.mark.parametrize("length", [25, 100, 1000])
