@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._kernel import Kernel, Step, identity_post, kernel_for
+from ._kernel import Kernel, Step, closed, identity_post, kernel_for, reparametrized
 from ._types import PyTree
 
 _lecun_normal = jax.nn.initializers.lecun_normal()
@@ -496,4 +496,10 @@ def with_readout(cell: Cell, output_size: int) -> Cell:
     def make_kernel(params, carry, u):
         return _readout_kernel(kernel_for(cell.step, params["cell"], carry, u))
 
-    return Cell(init, cell.initial_carry, Step(step, make_kernel, same_batch=True))
+    inner = cell.step
+    if not isinstance(inner, Step) or inner.closure is None:  # the readout itself assumes nothing of the batch
+        return Cell(init, cell.initial_carry, Step(step, make_kernel, same_batch=getattr(inner, "same_batch", False)))
+    # The inner step's declared closure (resettable's initial carry) stays declared, so the kernel is kept.
+    opened = with_readout(Cell(cell.init, cell.initial_carry, inner.opened), output_size).step
+    opened = reparametrized(opened, lambda pc: {**pc[0], "cell": (pc[0]["cell"], pc[1])})
+    return Cell(init, cell.initial_carry, closed(step, opened, inner.closure))
