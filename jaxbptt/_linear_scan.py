@@ -1,6 +1,6 @@
 """`linear_scan`: the elementwise linear recurrence `h_t = a_t * h_{t-1} + b_t`, vectorised over time.
 
-Two algorithms, both exact:
+Three algorithms, all exact:
 
 - associative: the pairs `(a_t, b_t)` compose associatively,
   `(a1, b1) then (a2, b2) = (a2 a1, a2 b1 + b2)`, so `lax.associative_scan` computes every `h_t` in
@@ -10,7 +10,11 @@ Two algorithms, both exact:
   positions, vectorised over the chunks, gives each chunk's end state from zero and the product of
   its decays, a short sequential scan over the C chunks gives each chunk's true initial state, and a
   second loop over the L positions writes the states: 2L loop iterations instead of T, each over C
-  steps' data, at the price of reading the inputs twice. The CPU default.
+  steps' data, at the price of reading the inputs twice.
+- sequential: one `lax.scan` over time. The CPU default: there the recurrence is bound by memory
+  bandwidth, and one pass over each array beats the chunked scan's extra reads (measured at B=8,
+  H=256 on 2 cores: forward + backward 1.3-1.4x faster than `jax.grad` through `lax.scan`, against
+  1.0-1.1x for the chunked scan, in CPU time).
 
 Either way the gradient is hand-written: the adjoint of a linear recurrence is the same recurrence
 run the other way,
@@ -47,6 +51,14 @@ def _associative(a, b, h0, reverse: bool):
     first = -1 if reverse else 0
     b = jnp.asarray(b).at[first].add(a[first] * h0)
     return lax.associative_scan(_combine, (a, b), reverse=reverse)[1]
+
+
+def _sequential(a, b, h0, reverse: bool):
+    def step(h, ab):
+        h = ab[0] * h + ab[1]
+        return h, h
+
+    return lax.scan(step, h0, (a, b), reverse=reverse)[1]
 
 
 def _shift(x, fill, toward_start: bool):
@@ -164,7 +176,7 @@ def _scan(a, b, h0, reverse: bool, method: str):
 def _scan_fwd(a, b, h0, reverse: bool, method: str):
     if method == "chunked":
         return _chunked_forward(a, b, h0, reverse)
-    hs = _associative(a, b, h0, reverse)
+    hs = (_sequential if method == "sequential" else _associative)(a, b, h0, reverse)
     return hs, (a, hs, h0)
 
 
@@ -176,7 +188,7 @@ def _scan_bwd(reverse: bool, method: str, residuals, g):
     # cotangents of complex products are transposes (no conjugation), so a enters as is.
     zero = jnp.zeros_like(h0)
     a_next = _shift(a, zero, toward_start=not reverse)
-    lam = _associative(a_next, g, zero, not reverse)
+    lam = (_sequential if method == "sequential" else _associative)(a_next, g, zero, not reverse)
     h_prev = _shift(hs, h0, toward_start=reverse)
     first = -1 if reverse else 0
     return lam * h_prev, lam, a[first] * lam[first]
@@ -219,7 +231,7 @@ def _check(a: PyTree, b: PyTree, h0: PyTree) -> int:
     return length
 
 
-METHODS = ("auto", "associative", "chunked")
+METHODS = ("auto", "associative", "chunked", "sequential")
 
 
 def linear_scan(a: PyTree, b: PyTree, h0: PyTree, *, reverse: bool = False, method: str = "auto") -> PyTree:
@@ -250,10 +262,11 @@ def linear_scan(a: PyTree, b: PyTree, h0: PyTree, *, reverse: bool = False, meth
       reverse: run the recurrence from the last step to the first.
       method: `"associative"`: `lax.associative_scan`, O(log T) depth, for GPUs and TPUs;
         `"chunked"`: a two-level scan (chunks of about sqrt(T)/2 steps, fastest when T has a divisor
-        near that; otherwise the last chunk is padded), for CPUs, where the associative scan's
-        passes over memory cost more than a loop; `"auto"` (default): `"chunked"` when
+        near that; otherwise the last chunk is padded); `"sequential"`: one `lax.scan`, for CPUs,
+        where the recurrence is bound by memory bandwidth and the associative scan's passes over
+        memory cost more than a loop; `"auto"` (default): `"sequential"` when
         `jax.default_backend()` is `"cpu"`, else `"associative"`. All give the same values up to
-        rounding.
+        rounding, and the same hand-written VJP.
 
     Returns:
       `hs`, with the structure of `b`: each leaf `(T, ...)` of dtype `result_type(a, b, h0)`.
@@ -277,7 +290,7 @@ def linear_scan(a: PyTree, b: PyTree, h0: PyTree, *, reverse: bool = False, meth
     if method not in METHODS:
         raise ValueError(f"linear_scan: method must be one of {', '.join(map(repr, METHODS))}; got {method!r}.")
     if method == "auto":
-        method = "chunked" if jax.default_backend() == "cpu" else "associative"
+        method = "sequential" if jax.default_backend() == "cpu" else "associative"
 
     def leaf(a_, b_, h_):
         dtype = jnp.result_type(a_, b_, h_)

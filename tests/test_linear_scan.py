@@ -46,7 +46,7 @@ def _loss(scan, reverse):
     return loss
 
 
-METHODS = ("associative", "chunked")
+METHODS = ("associative", "chunked", "sequential")
 
 
 def _method(method):
@@ -156,12 +156,12 @@ def test_reverse_must_be_bool():
 
 
 def test_method_must_be_known():
-    with pytest.raises(ValueError, match="method must be one of 'auto', 'associative', 'chunked'; got 'serial'"):
+    with pytest.raises(ValueError, match="method must be one of 'auto', 'associative', 'chunked', 'sequential'; got 'serial'"):
         jb.linear_scan(jnp.ones(3), jnp.ones(3), jnp.zeros(()), method="serial")
 
 
-def test_auto_picks_chunked_on_cpu():
-    """On the CPU `auto` is the two-level loop: no associative scan's log2(T) levels of slices."""
+def test_auto_picks_sequential_on_cpu():
+    """On the CPU `auto` is one loop over time: no associative scan's log2(T) levels of slices."""
     jaxprs = {m: str(jax.make_jaxpr(_method(m))(jnp.ones(64), jnp.ones(64), jnp.zeros(()))) for m in METHODS + ("auto",)}
     assert jax.default_backend() == "cpu"
-    assert jaxprs["auto"] == jaxprs["chunked"] != jaxprs["associative"]
+    assert jaxprs["auto"] == jaxprs["sequential"] != jaxprs["associative"]
