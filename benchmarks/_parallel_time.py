@@ -1,10 +1,10 @@
 """`--suite parallel`: parallel-in-time forms against the sequential loop, side by side in one run.
 
 Three tables, every time the median of interleaved calls of jit-compiled functions (float32 data):
-1. `jaxbptt.linear_scan` (forward, and forward + backward; `method="auto"`, chunked on a CPU)
+1. `jaxbptt.linear_scan` (forward, and forward + backward; `method="auto"`, sequential on a CPU)
    against `lax.scan` of the same recurrence, `jax.grad` through it, the sequential engine
    (`jaxbptt.value_and_grad` of the one-step recurrence, gradients with respect to `h0`, `a`, `b`),
-   and `linear_scan(method="associative")` forward + backward;
+   and `linear_scan(method="associative")` and `method="chunked"` forward + backward;
 2. LRU and minGRU training steps (per-step MSE loss): `cell.parallel` under `jax.grad`, the
    sequential engine `jaxbptt.value_and_grad(cell.step)`, and `jax.grad` through `lax.scan`;
 3. DEER and quasi-DEER on Elman and GRU cells (batch mapped with `jax.vmap`): Newton iterations
@@ -69,10 +69,12 @@ def _engine(a, b, h0):
 def linear_scan_rows(sizes, budget_s):
     rows = []
     associative = lambda a, b, h0: jb.linear_scan(a, b, h0, method="associative")
+    chunked = lambda a, b, h0: jb.linear_scan(a, b, h0, method="chunked")
     for T, B, H in sizes:
         fns = {"lax.scan fwd": _sequential_scan, "linear_scan fwd": jb.linear_scan,
                "jax.grad(lax.scan)": _grad_of(_sequential_scan), "jaxbptt engine": _engine,
-               "linear_scan fwd+bwd": _grad_of(jb.linear_scan), "associative fwd+bwd": _grad_of(associative)}
+               "linear_scan fwd+bwd": _grad_of(jb.linear_scan), "associative fwd+bwd": _grad_of(associative),
+               "chunked fwd+bwd": _grad_of(chunked)}
         ms = _interleaved(fns, _recurrence(T, B, H), budget_s)
         rows.append(dict(T=T, B=B, H=H, ms=ms, fwd_speedup=ms["lax.scan fwd"] / ms["linear_scan fwd"],
                          grad_speedup=ms["jax.grad(lax.scan)"] / ms["linear_scan fwd+bwd"]))
@@ -151,7 +153,7 @@ def _print_row(r, keys):
 TABLES = (
     ("linear_scan", "scan", linear_scan_rows, ("T", "B", "H"),
      ("lax.scan fwd", "linear_scan fwd", "jax.grad(lax.scan)", "jaxbptt engine", "linear_scan fwd+bwd",
-      "associative fwd+bwd"),
+      "associative fwd+bwd", "chunked fwd+bwd"),
      "linear_scan: h_t = a_t h_{t-1} + b_t, loss sum(h^2); speedup = lax.scan time / linear_scan time"),
     ("cells", "cells", cell_rows, ("cell", "T", "B", "D", "H"),
      ("jax.grad(lax.scan)", "jaxbptt engine", "parallel fwd+bwd"),
