@@ -193,10 +193,22 @@ def generic_kernel(step: Callable, params: PyTree, carry: PyTree, u: PyTree) -> 
     def new_carry_of(out, res):
         return out if as_post else res[1]
 
+    x_float = [is_float(leaf) for leaf in jax.tree.leaves(u)]
+
+    def vjp_of_run(hoisted, c, x):
+        """`run`'s VJP with respect to the carry, the input's float leaves and the perturbations."""
+        leaves = jax.tree.leaves(x)
+
+        def f(c_, x_floats, zs):
+            it = iter(x_floats)
+            return run(hoisted, c_, x_tree.unflatten([next(it) if fl else a for a, fl in zip(leaves, x_float)]), zs)
+
+        return jax.vjp(f, c, [a for a, fl in zip(leaves, x_float) if fl], split.zero_perturbations())
+
     structure: dict[str, Any] = {}
 
     def residual_leaves(hoisted, c, x):
-        (new_c, _), vjp_fn = jax.vjp(lambda c_, x_, zs: run(hoisted, c_, x_, zs), c, x, split.zero_perturbations())
+        (new_c, _), vjp_fn = vjp_of_run(hoisted, c, x)
         leaves, structure["treedef"] = jax.tree.flatten(vjp_fn)
         return leaves, jax.tree.leaves(new_c)
 
@@ -237,7 +249,7 @@ def generic_kernel(step: Callable, params: PyTree, carry: PyTree, u: PyTree) -> 
 
     def forward(p, consts, c, x):
         del p
-        (new_c, y), vjp_fn = jax.vjp(lambda c_, x_, zs: run(consts[0], c_, x_, zs), c, x, split.zero_perturbations())
+        (new_c, y), vjp_fn = vjp_of_run(consts[0], c, x)
         leaves = checked(jax.tree.leaves(vjp_fn))
         kept = [leaf for leaf, (kind, _) in zip(leaves, source) if kind == "kept"]
         return (new_c, new_c, kept) if as_post else (new_c, y, (kept, new_c))
@@ -276,7 +288,9 @@ def generic_kernel(step: Callable, params: PyTree, carry: PyTree, u: PyTree) -> 
         d_hoisted = [jnp.zeros_like(h) if d is None else d for d, h in zip(d_hoisted, hoisted)]
         _, hoist_vjp = jax.vjp(split.hoist, jax.tree.leaves(p))
         (dp,) = hoist_vjp(as_jax_cotangent(d_hoisted, hoisted))
-        return p_tree.unflatten(dp), ct_x
+        it = iter(ct_x)
+        dus = [next(it) if fl else np.zeros(np.shape(a), jax.dtypes.float0) for a, fl in zip(jax.tree.leaves(us), x_float)]
+        return p_tree.unflatten(dp), x_tree.unflatten(dus)
 
     return Kernel(prepare, identity_project, forward, backward, grads, post)
 
