@@ -11,10 +11,11 @@ The engine (`_reverse.py`) never differentiates a whole scan. It asks a `Kernel`
 
 `prev_out` is the previous step's `out`, which the engine reads from the block's stored outputs
 (and, for the block's first step, from its starting carry with `previous_out(carry)`); kernels whose
-`out` is not part of the carry set `previous_out=None` and receive None. `backward` is the only piece inside the sequential reverse loop and touches nothing but the carry
-adjoint; it must be linear in `(ct_carry, ct_out)`, and so must `local`, the per-step value from
-which `grads` forms parameter and input gradients for a whole block of steps at once (large matrix
-products instead of one small accumulation per step). `consts = prepare(params, carry, u)` holds
+`out` is not part of the carry set `previous_out=None` and receive None. `backward` is the only
+piece inside the sequential reverse loop and touches nothing but the carry adjoint; it must be
+linear in `(ct_carry, ct_out)`, and so must `local`, the per-step value from which `grads` forms
+parameter and input gradients for a whole block of steps at once (large matrix products instead of
+one small accumulation per step). `consts = prepare(params, carry, u)` holds
 loop-invariant values, computed once outside every loop.
 
 Built-in cells supply hand-derived kernels (see `_cells.py`). Any other step gets `generic_kernel`,
@@ -289,7 +290,8 @@ def generic_kernel(step: Callable, params: PyTree, carry: PyTree, u: PyTree) -> 
         _, hoist_vjp = jax.vjp(split.hoist, jax.tree.leaves(p))
         (dp,) = hoist_vjp(as_jax_cotangent(d_hoisted, hoisted))
         it = iter(ct_x)
-        dus = [next(it) if fl else np.zeros(np.shape(a), jax.dtypes.float0) for a, fl in zip(jax.tree.leaves(us), x_float)]
+        dus = [next(it) if fl else np.zeros(np.shape(a), jax.dtypes.float0)
+               for a, fl in zip(jax.tree.leaves(us), x_float)]
         return p_tree.unflatten(dp), x_tree.unflatten(dus)
 
     return Kernel(prepare, identity_project, forward, backward, grads, post)
