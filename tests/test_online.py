@@ -38,7 +38,7 @@ def reference_online(step, loss_fn, optimizer, k1, k2, params, carry, xs, target
     return params, jnp.stack(losses)
 
 
-@pytest.mark.parametrize("k1, k2", [(3, 7), (4, 4), (2, 9), (5, 6)])
+@pytest.mark.parametrize("k1, k2", [(3, 7), (4, 4), (2, 9)])
 def test_matches_python_loop(k1, k2):
     step, loss_fn, params, carry, xs, targets = problem("gru", T=20 if k1 != 3 else 21)
     trainer = jb.online_tbptt(step, loss_fn, optax.adam(0.05), truncation=(k1, k2))
