@@ -42,7 +42,8 @@ def test_every_other_suite_runs(tmp_path):
     stdout = _run([str(ROOT / "tests" / "benchmark_smoke.py"), str(tmp_path), *others])
     assert stdout.split() == [word for suite in others for word in (suite, "ok")]
     for suite in others:
-        check_report(suite, json.loads((tmp_path / f"{suite}.json").read_text()), (tmp_path / f"{suite}.txt").read_text())
+        report = json.loads((tmp_path / f"{suite}.json").read_text())
+        check_report(suite, report, (tmp_path / f"{suite}.txt").read_text())
 
 
 def check_report(suite, report, stdout):

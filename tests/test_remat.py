@@ -17,7 +17,8 @@ ARGNUMS = (0, 1, 2)
 S = 5
 
 
-@pytest.mark.parametrize("name, T", [("lstm", 1), ("two_layer", S - 1), ("lstm", S), ("two_layer", S + 1), ("lstm", 23)])
+@pytest.mark.parametrize("name, T", [("lstm", 1), ("two_layer", S - 1), ("lstm", S), ("two_layer", S + 1),
+                                     ("lstm", 23)])
 def test_every_s_steps(name, T):
     step, loss_fn, *args = problem(name, T=T)
     ref = jax.jit(jb.value_and_grad(step, loss_fn, argnums=ARGNUMS))(*args)

@@ -101,7 +101,8 @@ def test_vmapped_sweep_equals_separate_runs():
     sweep = jax.jit(jax.vmap(run))(lrs, stacked, seeds, clips, ks)
     single = jax.jit(run)  # one separate run at a time (one compilation for all of them)
     for i in range(4):
-        np.testing.assert_allclose(sweep[i], single(lrs[i], inits[int(seeds[i])], seeds[i], clips[i], ks[i]), rtol=1e-12)
+        alone = single(lrs[i], inits[int(seeds[i])], seeds[i], clips[i], ks[i])
+        np.testing.assert_allclose(sweep[i], alone, rtol=1e-12)
 
 
 def test_experiments_smoke_run(tmp_path):
@@ -111,7 +112,8 @@ def test_experiments_smoke_run(tmp_path):
     # the first model of each experiment; exact and truncated runs of the truncation and copy ones
     assert [(r.experiment.split(",")[0], r.model) for r in results] == [
         ("adding", "tanh RNN"), ("adding", "LSTM, truncation=2"), ("adding", "LSTM, truncation=5"),
-        ("copy", "LSTM, exact"), ("copy", "LSTM, truncation=2"), ("sequential digits (64 steps)", "tanh RNN (lr 0.003)")]
+        ("copy", "LSTM, exact"), ("copy", "LSTM, truncation=2"),
+        ("sequential digits (64 steps)", "tanh RNN (lr 0.003)")]
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert all(np.all(np.isfinite(r.values)) for r in results)
 

@@ -21,7 +21,8 @@ LONG = ("lstm", "gru", "two_layer", "tuple")  # test_long_sequence runs these at
 
 # every step at T=2; one step (T=1) for the hand-written kernels and the generic path; T=23 for the
 # steps that test_long_sequence leaves out
-@pytest.mark.parametrize("name, T", [(name, 2) for name in ALL] + [(name, 1) for name in ("elman", "lstm", "gru", "two_layer")]
+@pytest.mark.parametrize("name, T", [(name, 2) for name in ALL]
+                         + [(name, 1) for name in ("elman", "lstm", "gru", "two_layer")]
                          + [(name, 23) for name in ALL if name not in LONG])
 def test_matches_scan_and_loop(name, T):
     step, loss_fn, *args = problem(name, T)
