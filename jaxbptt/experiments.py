@@ -128,8 +128,10 @@ def _timed(fn, *args):
     return out, time.perf_counter() - start
 
 
-def run_all(quick: bool = False, seeds: int = 2, progress=None) -> list[Result]:
-    """All three experiments; `quick` shrinks them to a smoke run (results then mean nothing)."""
+def run_all(quick: bool = False, seeds: int = 2, progress=None, *, smoke: bool = False) -> list[Result]:
+    """All three experiments; `quick` shrinks them to a smoke run (results then mean nothing), and
+    `smoke` also keeps only the first model of each experiment (each kind of run compiles once)."""
+    quick = quick or smoke
     scale = 50 if quick else 1
     length = 20 if quick else 150
     hidden = 16 if quick else 64
@@ -139,6 +141,8 @@ def run_all(quick: bool = False, seeds: int = 2, progress=None) -> list[Result]:
     ] + [("truncation", "LSTM", cells["LSTM"], 2000 // scale), ("copy", "LSTM", cells["LSTM"], 1500 // scale)] + [
         ("digits", name, cells[name], 1500 // scale) for name in ("tanh RNN", "IRNN", "LSTM", "GRU")
     ]
+    if smoke:
+        plan = [entry for i, entry in enumerate(plan) if entry[0] not in {e[0] for e in plan[:i]}]
     results = []
     for experiment, name, cell, iterations in (progress(plan) if progress else plan):
         if experiment == "adding":
@@ -217,6 +221,8 @@ def main(argv=None) -> list[Result]:
     parser.add_argument("--out", default="learning_curves.png", help="where to write the learning curves (PNG)")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (its numbers mean nothing)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="--quick with one model per experiment: checks that each kind of run works")
     parser.add_argument("--modern", action="store_true",
                         help="instead: minGRU and LRU against the LSTM on the adding problem (table only)")
     args = parser.parse_args(argv)
@@ -230,9 +236,9 @@ def main(argv=None) -> list[Result]:
     if args.modern:
         from ._parallel_experiments import run_modern
 
-        results = run_modern(args.quick, args.seeds, progress)
+        results = run_modern(args.quick or args.smoke, args.seeds, progress)
     else:
-        results = run_all(args.quick, args.seeds, progress)
+        results = run_all(args.quick, args.seeds, progress, smoke=args.smoke)
     print(f"\n{jax.devices()[0].platform}: {len(results)} results in {time.perf_counter() - start:.0f} s "
           f"(each row: all its seeds trained in one compiled call)")
     print_table(results)

@@ -12,9 +12,9 @@ os.environ["XLA_FLAGS"] = " ".join(
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# Run only in their own processes with several host devices (test_sharding.py and
-# test_multiprocess.py start them); doctest collection would import them here, without that flag.
-collect_ignore = ["sharded_check.py", "multiprocess_worker.py"]
+# Run only in their own processes (test_sharding.py, test_multiprocess.py and test_benchmarks.py start
+# them, the first two with several host devices); doctest collection would import them here.
+collect_ignore = ["sharded_check.py", "multiprocess_worker.py", "benchmark_smoke.py"]
 
 # One compilation cache for both test workers (and for the subprocesses of test_benchmarks.py): the
 # same small programs recur across tests. Keyed by program, JAX version and XLA flags, so it never

@@ -1,6 +1,7 @@
 """Smoke tests of the main job: every suite of `python -m benchmarks`, run through the same code path
 as the README's command with `--smoke` (every configuration at a tiny size), exits 0 and writes a
 well-formed report in which every method of every section either ran or says why it was skipped.
+The README's command itself runs the default suite; the other suites share one process.
 No timing assertions: speed is measured by the benchmarks, not by tests."""
 
 import json
@@ -18,20 +19,34 @@ ROW_KEYS = {"device", "dtype", "cell", "T", "B", "D", "H", "method", "time_ms", 
             "compile_s", "temp_bytes", "grad_rel_err", "gflops", "peak_fraction"}
 
 
-def _run(tmp_path, *args):
-    out = tmp_path / "report.json"
-    # One compilation cache for all suites: the smoke sizes repeat across suites.
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    result = subprocess.run([sys.executable, "-m", "benchmarks", *args, "--json", str(out)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+# One compilation cache for the benchmark processes: the smoke sizes repeat across suites.
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"),
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def _run(argv):
+    result = subprocess.run([sys.executable, *argv], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads(out.read_text()), result.stdout
+    return result.stdout
 
 
-@pytest.mark.parametrize("suite", sorted(SUITES))
-def test_every_suite_runs(tmp_path, suite):
-    report, stdout = _run(tmp_path, "--suite", suite, "--smoke")
+def test_default_suite_runs_as_the_readme_says(tmp_path):
+    """`python -m benchmarks` itself, the main job, with `--smoke`: the default suite."""
+    stdout = _run(["-m", "benchmarks", "--smoke", "--json", str(tmp_path / "report.json")])
+    check_report("default", json.loads((tmp_path / "report.json").read_text()), stdout)
+
+
+def test_every_other_suite_runs(tmp_path):
+    """The other suites, one after another in one process (tests/benchmark_smoke.py)."""
+    others = sorted(set(SUITES) - {"default"})
+    stdout = _run([str(ROOT / "tests" / "benchmark_smoke.py"), str(tmp_path), *others])
+    assert stdout.split() == [word for suite in others for word in (suite, "ok")]
+    for suite in others:
+        report = json.loads((tmp_path / f"{suite}.json").read_text())
+        check_report(suite, report, (tmp_path / f"{suite}.txt").read_text())
+
+
+def check_report(suite, report, stdout):
     assert report["suite"] == suite and report["peak_gflops"] > 0
     sections = {s["name"]: s for s in report["sections"]}
     assert list(sections) == [s.name for s in SUITES[suite]]

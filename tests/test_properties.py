@@ -34,6 +34,7 @@ def cases(draw):
     )
 
 
+@settings(max_examples=4)
 @given(cases())
 def test_hand_written_equals_oracle(case):
     step, loss_fn, *args = problem(case["name"], T=case["T"], B=case["B"], H=case["H"], seed=case["seed"])

@@ -17,8 +17,8 @@ ARGNUMS = (0, 1, 2)
 S = 5
 
 
-@pytest.mark.parametrize("name, T", [("lstm", 1), ("two_layer", S - 1), ("lstm", S), ("two_layer", S + 1), ("lstm", 23),
-                                     ("two_layer", 23)])
+@pytest.mark.parametrize("name, T", [("lstm", 1), ("two_layer", S - 1), ("lstm", S), ("two_layer", S + 1),
+                                     ("lstm", 23)])
 def test_every_s_steps(name, T):
     step, loss_fn, *args = problem(name, T=T)
     ref = jax.jit(jb.value_and_grad(step, loss_fn, argnums=ARGNUMS))(*args)
@@ -26,9 +26,9 @@ def test_every_s_steps(name, T):
     chex.assert_trees_all_close(got, ref, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("options", [dict(truncation=4, clip_norm=0.05), dict(truncation=(3, 8), clip_norm=0.2)])
-@pytest.mark.parametrize("remat", [3, "sqrt"])
-def test_composes_with_truncation_clipping_diagnostics(options, remat):
+@pytest.mark.parametrize("remat, options", [(3, dict(truncation=4, clip_norm=0.05)),
+                                            ("sqrt", dict(truncation=(3, 8), clip_norm=0.2))])
+def test_composes_with_truncation_clipping_diagnostics(remat, options):
     step, loss_fn, *args = problem("gru", T=29)
     got = jax.jit(jb.value_and_grad(step, loss_fn, argnums=ARGNUMS, remat=remat, diagnostics=True, **options))(*args)
     ref = jax.jit(jb.value_and_grad(step, loss_fn, argnums=ARGNUMS, diagnostics=True, **options))(*args)

@@ -45,8 +45,8 @@ def test_digits_split_is_fixed():
     assert float(train_xs.max()) <= 1.0 and train_t.value.dtype == jnp.int32
     np.testing.assert_array_equal(test_xs, tasks.digits("test")[0])
     # the split is a partition: no test image appears in the training set
-    train_rows = {tuple(np.asarray(train_xs[:, i, 0])) for i in range(train_xs.shape[1])}
-    overlap = sum(tuple(np.asarray(test_xs[:, i, 0])) in train_rows for i in range(test_xs.shape[1]))
+    train_rows = {tuple(row) for row in np.asarray(train_xs[:, :, 0]).T}
+    overlap = sum(tuple(row) in train_rows for row in np.asarray(test_xs[:, :, 0]).T)
     assert overlap <= 2  # a few handwritten digits are pixel-identical duplicates in the data set
     with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
         tasks.digits("valid")
@@ -94,25 +94,27 @@ def test_vmapped_sweep_equals_separate_runs():
         state.hyperparams["learning_rate"] = lr
         return jb.train_loop(step, batches, 20)(params, state, jax.random.key(seed))[2]
 
-    lrs, seeds = jnp.asarray([0.03, 0.1]), jnp.asarray([0, 1])
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *inits)
-    clips, ks = jnp.asarray([0.1, 10.0]), jnp.asarray([3, 12])
-    sweep = jax.jit(jax.vmap(jax.vmap(run, (None, 0, 0, None, None)), (0, None, None, None, None)))
-    grid = sweep(lrs, stacked, seeds, 0.5, 4)
+    # four runs, each with its own learning rate, seed, clip norm and truncation length, in one call
+    lrs, seeds = jnp.asarray([0.03, 0.1, 0.03, 0.1]), jnp.asarray([0, 0, 1, 1])
+    clips, ks = jnp.asarray([0.1, 10.0, 0.5, 0.5]), jnp.asarray([3, 12, 4, 4])
+    stacked = jax.tree.map(lambda *a: jnp.stack(a)[seeds], *inits)
+    sweep = jax.jit(jax.vmap(run))(lrs, stacked, seeds, clips, ks)
     single = jax.jit(run)  # one separate run at a time (one compilation for all of them)
-    for i in range(2):
-        for j in range(2):
-            np.testing.assert_allclose(grid[i, j], single(lrs[i], inits[j], j, jnp.asarray(0.5), jnp.asarray(4)), rtol=1e-12)
-    over_options = jax.jit(jax.vmap(lambda c, k: run(0.1, inits[0], 0, c, k)))(clips, ks)
-    for i in range(2):
-        np.testing.assert_allclose(over_options[i], single(jnp.asarray(0.1), inits[0], 0, clips[i], ks[i]), rtol=1e-12)
+    for i in range(4):
+        alone = single(lrs[i], inits[int(seeds[i])], seeds[i], clips[i], ks[i])
+        np.testing.assert_allclose(sweep[i], alone, rtol=1e-12)
 
 
-def test_experiments_quick_run(tmp_path):
+def test_experiments_smoke_run(tmp_path):
     from jaxbptt import experiments
 
-    results = experiments.main(["--quick", "--seeds", "1", "--out", str(tmp_path / "curves.png")])
-    assert len(results) == 11 and (tmp_path / "curves.png").stat().st_size > 0
+    results = experiments.main(["--smoke", "--seeds", "1", "--out", str(tmp_path / "curves.png")])
+    # the first model of each experiment; exact and truncated runs of the truncation and copy ones
+    assert [(r.experiment.split(",")[0], r.model) for r in results] == [
+        ("adding", "tanh RNN"), ("adding", "LSTM, truncation=2"), ("adding", "LSTM, truncation=5"),
+        ("copy", "LSTM, exact"), ("copy", "LSTM, truncation=2"),
+        ("sequential digits (64 steps)", "tanh RNN (lr 0.003)")]
+    assert (tmp_path / "curves.png").stat().st_size > 0
     assert all(np.all(np.isfinite(r.values)) for r in results)
 
 
