@@ -74,7 +74,7 @@ def _prepare(name: str, bound: Bound):
     return (lambda: jax.block_until_ready(compiled(*bound.args))), compile_s, memory, grads
 
 
-def measure(problem: Problem, builders: dict[str, Callable], *, budget_s: float = 3.0, max_repeats: int = 15,
+def measure(problem: Problem, builders: dict[str, Callable], *, budget_s: float = 3.0, max_repeats: int = 60,
             peak_gflops: float | None = None, skipped: dict | None = None) -> list[dict]:
     """One row per method: median time and spread, compile time, memory, gradient error, FLOP/s.
     Methods whose library is missing are left out and their reason recorded in `skipped`."""
@@ -97,6 +97,8 @@ def measure(problem: Problem, builders: dict[str, Callable], *, budget_s: float 
             "times": [],
         }
     first = sum(_time(call) for call in calls.values())
+    # Up to 60 rounds: calls of a few ms vary by 10-30% one by one on a shared CPU, and the budget
+    # still bounds the total.
     repeats = int(min(max_repeats, max(3, budget_s / max(first, 1e-9))))
     # JAX methods are interleaved, rotating the order to spread drift evenly; PyTorch's are timed
     # after them, since its OpenMP threads keep spinning after a call and would slow the next one.

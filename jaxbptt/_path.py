@@ -8,7 +8,8 @@ Both paths give the same gradients for every option they accept (up to float rou
 
 `engine="auto"` (the default) chooses at trace time with `prefers_autodiff`, a small cost model
 of where the engine's fixed per-block cost (an epilogue of output cotangents and parameter products
-for every block) outweighs what it saves per step. It only ever picks autodiff where that keeps
+for every block) outweighs what it saves per step: short sequences, or narrow carries, at large
+batches. It only ever picks autodiff where that keeps
 every requested feature: no memory policy (autodiff stores every step), no diagnostics, no checked
 mode, no cross-device norms, exact BPTT or chunked truncation by a static length, no clipping.
 """
@@ -44,10 +45,12 @@ def check_engine(engine, *, remat=None, diagnostics=False, check_finite=False, a
 
 # The cost model's thresholds: batch rows per step from which the engine's per-block epilogue
 # (residual copies, output cotangents, parameter products of every block; it grows with the batch)
-# outweighs the per-step work it saves, and the longest sequence where that holds. The engine keeps
-# at least 8 blocks per sequence for memory, so up to 64 steps a block holds at most 8 steps.
+# outweighs the per-step work it saves; the longest sequence where that holds at any width; and the
+# carry width (elements per batch row) up to which it holds at any length. The engine keeps at least
+# 8 blocks per sequence for memory, so up to 64 steps a block holds at most 8 steps.
 _AUTODIFF_MIN_ROWS = 32
 _AUTODIFF_MAX_LENGTH = 64
+_AUTODIFF_MAX_WIDTH = 64
 
 
 def prefers_autodiff(length: int, rows: int, elements: int) -> bool:
@@ -56,16 +59,18 @@ def prefers_autodiff(length: int, rows: int, elements: int) -> bool:
     `rows` is the batch size of one step and `elements` its carry's size (B x H, 2 B x H for an
     LSTM). Measured side by side on 2 CPU cores, float32, with the built-in cells, D=16, a 10-unit
     readout and per-step MSE (the `grid` suite of `python -m benchmarks`: T in {25, 50, 100}, B in
-    {8, 64}, H in {32, 128}; and T=60, B=32, H=32): at batch 8 the engine took 0.54-0.97x autodiff's
-    time at every T and H; at batch 64 it took 0.95-1.27x, and the GRU 1.22-1.34x at T=60, B=32. With
-    blocks of up to 2**17 carry elements (`_remat`), T=100 at batch 64 runs 10 blocks of 10 steps and
-    came below autodiff in most interleaved runs; shorter sequences keep blocks of at most 8 steps (the 8-block minimum), where
-    the per-block epilogue dominates. The carry's width made no consistent difference at H=32-128, so
-    `elements` is not used. Runs on a loaded machine vary by far more than these margins: re-measure
-    before moving a threshold.
+    {8, 64}, H in {32, 128}; and T=60, B=32, H=32):
+    - at batch 8 the engine took 0.48-0.97x autodiff's time at every T and H;
+    - at batch 64 and T <= 50 it took 0.95-1.35x (blocks of at most 8 steps, where the per-block
+      epilogue dominates);
+    - at batch 64 and T=100 it took 0.84-0.97x with H=128 but 1.05-1.11x with H=32 on a quiet
+      machine (1.15-1.3x under load, and the same at T=300): a narrow carry gives each step too
+      little work for the one matrix product per step the engine saves.
+    Runs on a loaded machine vary by more than these margins: re-measure before moving a threshold.
     """
-    del elements
-    return rows >= _AUTODIFF_MIN_ROWS and length <= _AUTODIFF_MAX_LENGTH
+    if rows < _AUTODIFF_MIN_ROWS:
+        return False
+    return length <= _AUTODIFF_MAX_LENGTH or elements <= _AUTODIFF_MAX_WIDTH * rows
 
 
 def use_autodiff(step, length: int, rows: int, elements: int, opts: "Options") -> bool:

@@ -59,6 +59,19 @@ def test_engine_errors():
         jb.unroll(step, *problem("elman", T=3)[2:5], engine="autodiff", probe=jb.diagnostics_probe(3))
 
 
+@pytest.mark.parametrize("length, rows, elements, expected", [
+    (25, 64, 2 * 64 * 128, True),  # short sequence at a large batch: any width
+    (100, 64, 2 * 64 * 32, True),  # narrow carry at a large batch: any length
+    (1000, 32, 32 * 64, True),
+    (100, 64, 64 * 128, False),  # wide enough for the engine's per-block products to pay
+    (1000, 64, 2 * 64 * 128, False),
+    (25, 16, 16 * 32, False),  # small batches: the engine at every length and width
+    (100, 8, 8 * 32, False),
+])
+def test_cost_model_sends_short_or_narrow_large_batches_to_autodiff(length, rows, elements, expected):
+    assert _path.prefers_autodiff(length, rows, elements) is expected
+
+
 def test_auto_keeps_the_engine_where_an_option_needs_it():
     cell = jb.lstm(8).step
     opts = lambda engine="auto", **option: resolve(25, engine=engine, **option)
