@@ -20,7 +20,8 @@ from jax.flatten_util import ravel_pytree
 
 from . import _validate as v
 from ._api import check_call, loss_dtype, value_and_grad, zero_length_result
-from ._types import LossFn, PyTree, StepFn
+from ._online_structure import Sparse, examples, pattern, sparse_recursion
+from ._types import LossFn, StepFn
 
 DEFAULT_MAX_INFLUENCE_BYTES = 2**30
 
@@ -177,10 +178,10 @@ def make_tracker(step, loss_fn, method, params, carry, x, *, max_influence_bytes
     if isinstance(method, (RTRL, SnAp)):
         mask = None
         if isinstance(method, SnAp):
-            mask, carry_pattern = _pattern(flat_step, method, theta0, c0, x)
-            sparse = _Sparse.build(mask, carry_pattern)
+            mask, carry_pattern = pattern(flat_step, method.n, method.draws, theta0, c0, x)
+            sparse = Sparse.build(mask, carry_pattern)
             if sparse.cheaper_than_dense():
-                return _sparse_tracker(flat_step, step_and_loss, sparse, unravel_params, unravel_carry)
+                return Tracker(*sparse_recursion(flat_step, step_and_loss, sparse), unravel_params, unravel_carry)
 
         def rtrl_advance(theta, influence, c, x, target, key):
             (new, loss), lin = jax.linearize(step_and_loss(x, target), theta, c)
@@ -195,7 +196,7 @@ def make_tracker(step, loss_fn, method, params, carry, x, *, max_influence_bytes
         return Tracker(lambda theta, c: jnp.zeros((n_params, n_carry), c.dtype), rtrl_advance,
                        unravel_params, unravel_carry)
 
-    ids, n_blocks = _examples(flat_step, carry, theta0, c0, x)
+    ids, n_blocks = examples(flat_step, carry, theta0, c0, x)
     block_masks = jnp.asarray(ids[None] == np.arange(n_blocks)[:, None])
 
     def block_norms(a):
@@ -222,153 +223,6 @@ def make_tracker(step, loss_fn, method, params, carry, x, *, max_influence_bytes
         return (s, th), new, loss, grad
 
     return Tracker(uoro_init, uoro_advance, unravel_params, unravel_carry)
-
-
-def _generic(tree, seed, fill=0):
-    """Deterministic generic values in [-0.1, 0.1] shaped like `tree`'s float leaves (cosines of an
-    irrational stride, cheaper to compile than a random number generator); other leaves (flags,
-    indices) all `fill`. Small, so that no activation saturates: a saturated tanh has an exactly
-    zero derivative in float32, which would read as a structural zero."""
-    leaves, structure = jax.tree.flatten(tree)
-    out = []
-    for i, leaf in enumerate(leaves):
-        shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
-        if jnp.issubdtype(dtype, jnp.floating):
-            phase = jnp.arange(np.prod(shape, dtype=int), dtype=dtype).reshape(shape) * 0.6180339887
-            phase = phase + (seed * 7.31 + i * 1.37)
-            out.append(0.1 * jnp.cos(phase * 2.7182818))
-        else:
-            out.append(jnp.full(shape, fill, dtype))
-    return jax.tree.unflatten(structure, out)
-
-
-def _concrete(name, fn):
-    """`fn()` as NumPy at trace time: the static structure the sparse layouts are built on."""
-    try:
-        with jax.ensure_compile_time_eval():
-            return jax.tree.map(np.asarray, fn())
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError) as e:
-        raise ValueError(f"{name} is found from the step at generic points at trace time, which needs a step that "
-                         "does not close over traced values (pass them in params or xs instead).") from e
-
-
-def _pattern(flat_step, method: SnAp, theta, c, x):
-    """SnAp's mask (|params| x |carry|, NumPy) and the carry Jacobian's pattern (|carry| x |carry|):
-    the structural non-zeros of the influence after n steps from zero, `M_1 = pattern(I)`,
-    `M_{k+1} = M_1 | M_k pattern(D)^T`, with the Jacobians' patterns OR'ed over `draws` generic
-    points (params, carry and float inputs generic; flag and index inputs 0 and 1 in turn), so
-    piecewise-linear steps (ReLU) do not lose entries by chance. An input used as an index (an
-    embedding's token) should be one-hot for SnAp: the pattern sees the indices 0 and 1 only."""
-
-    def jacobians(d):
-        jac = jax.jacrev(lambda th, cc: flat_step(th, cc, _generic(x, 3 * d + 2, d % 2))[0], argnums=(0, 1))
-        immediate, carry_jac = jac(_generic(theta, 3 * d), _generic(c, 3 * d + 1))
-        return immediate.T != 0, carry_jac != 0
-
-    immediate, carry_pattern = _concrete("SnAp's sparsity pattern", lambda: jax.tree.map(
-        lambda *a: jnp.any(jnp.stack(a), axis=0), *[jacobians(d) for d in range(method.draws)]))
-    mask = immediate
-    for _ in range(method.n - 1):
-        mask = immediate | (mask.astype(np.int64) @ carry_pattern.T.astype(np.int64) > 0)
-    return mask, carry_pattern
-
-
-def _color(conflicts) -> np.ndarray:
-    """A greedy colouring of a symmetric boolean conflict matrix: nodes of one colour never conflict."""
-    colors = np.full(conflicts.shape[0], -1, np.int32)
-    for node in range(conflicts.shape[0]):
-        taken = colors[conflicts[node] & (colors >= 0)]
-        colors[node] = np.setdiff1d(np.arange(taken.size + 1), taken)[0]
-    return colors
-
-
-class _Sparse(NamedTuple):
-    """SnAp's influence stored on its pattern only: entry e is (param rows[e], carry cols[e]).
-    `same_row[e]` lists the entries of row rows[e] (padded with nnz, an always-zero slot), where
-    `D_t J_{t-1}` at e needs the carry Jacobian D[cols[e], cols[same_row[e]]] (`d_live`: the
-    pattern of D there). D comes from one forward pass per colour of `d_colors` (columns of D
-    whose rows do not meet share a pass), the immediate Jacobian I from one reverse pass per
-    colour of `i_colors` (carry units with disjoint parameter sets share a pass)."""
-
-    n_params: int
-    rows: np.ndarray
-    cols: np.ndarray
-    same_row: np.ndarray
-    d_live: np.ndarray
-    d_colors: np.ndarray
-    i_colors: np.ndarray
-
-    @staticmethod
-    def build(mask, carry_pattern) -> "_Sparse":
-        rows, cols = (a.astype(np.int32) for a in np.nonzero(mask))  # row-major: each row's entries are contiguous
-        counts = mask.sum(1)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        width = max(int(counts.max(initial=0)), 1)
-        offsets = np.arange(width)[None]
-        same_row = np.where(offsets < counts[rows][:, None], starts[rows][:, None] + offsets, rows.size)
-        same_row = same_row.astype(np.int32)
-        padded_cols = np.concatenate([cols, [0]])[same_row]
-        d_live = carry_pattern[cols[:, None], padded_cols] & (same_row < rows.size)
-        m = mask.astype(np.int64)
-        d_colors = _color(carry_pattern.T.astype(np.int64) @ carry_pattern.astype(np.int64) > 0)
-        i_colors = _color(m.T @ m > 0)
-        return _Sparse(mask.shape[0], rows, cols, same_row, d_live, d_colors, i_colors)
-
-    def cheaper_than_dense(self) -> bool:
-        """The gathers and passes cost less than the dense update's one forward pass per parameter."""
-        passes = self.d_colors.max(initial=0) + self.i_colors.max(initial=0) + 3
-        return self.same_row.size < self.n_params * self.d_colors.size and passes < self.n_params
-
-
-def _sparse_tracker(flat_step, step_and_loss, sp: _Sparse, unravel_params, unravel_carry) -> Tracker:
-    """SnAp's update `J_t = M * (D_t J_{t-1} + I_t)` on the pattern's entries only: for entry
-    e = (p, j), `sum_{k in row p} D[j, k] J[p, k] + I[p, j]`, since J_{t-1} is zero off the
-    pattern. Equals the masked dense update, for a pattern that holds the step's non-zeros."""
-    nnz = sp.rows.size
-    d_tangents = jnp.asarray(sp.d_colors[None] == np.arange(sp.d_colors.max(initial=0) + 1)[:, None])
-    i_cotangents = jnp.asarray(sp.i_colors[None] == np.arange(sp.i_colors.max(initial=0) + 1)[:, None])
-    d_at = (sp.d_colors[np.concatenate([sp.cols, [0]])[sp.same_row]], sp.cols[:, None])
-    i_at = (sp.i_colors[sp.cols], sp.rows)
-
-    def advance(theta, influence, c, x, target, key):
-        (new, loss), vjp = jax.vjp(step_and_loss(x, target), theta, c)
-        g_theta, g_c = vjp((jnp.zeros_like(new), jnp.ones_like(loss)))
-        # dL_t/dcarry_{t-1} . J_{t-1}, summed into each entry's parameter
-        grad = g_theta + jax.ops.segment_sum(g_c[sp.cols] * influence, sp.rows, theta.size)
-        # column sums of D and rows of I over each colour: no two members meet, so each sum is one entry
-        carry_tangent = lambda t: jax.jvp(lambda cc: flat_step(theta, cc, x)[0], (c,), (t.astype(c.dtype),))[1]
-        d_sums = jax.vmap(carry_tangent)(d_tangents)
-        i_sums = jax.vmap(lambda m: vjp((m.astype(new.dtype), jnp.zeros_like(loss)))[0])(i_cotangents)
-        padded = jnp.concatenate([influence, jnp.zeros((1,), influence.dtype)])
-        propagated = jnp.sum(jnp.where(sp.d_live, d_sums[d_at], 0) * padded[sp.same_row], axis=1)
-        new_influence = (propagated + i_sums[i_at]).astype(influence.dtype)
-        return new_influence, new, loss, grad.astype(theta.dtype)
-
-    return Tracker(lambda theta, c: jnp.zeros((nnz,), c.dtype), advance, unravel_params, unravel_carry)
-
-
-def _examples(flat_step, carry, theta, c, x):
-    """UORO's independent examples: the rows of the carry's leading axis (every leaf's, of one
-    size) when the step does not couple them (checked at a generic point with 2 log2(rows) forward
-    passes: rows whose index has bit b set, then clear, must not reach the others), else one.
-    Returns each flat carry entry's example and the number of examples."""
-    leaves = jax.tree.leaves(carry)
-    sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else 0 for leaf in leaves}
-    rows = sizes.pop() if len(sizes) == 1 else 0
-    one = np.zeros(c.size, np.int32), 1
-    if rows < 2:
-        return one
-    ids = np.concatenate([np.broadcast_to(np.arange(rows).reshape((rows,) + (1,) * (jnp.ndim(leaf) - 1)),
-                                          jnp.shape(leaf)).ravel() for leaf in leaves]).astype(np.int32)
-    bits = [(ids >> b) & 1 == side for b in range(int(rows - 1).bit_length()) for side in (0, 1)]
-
-    def leaks():
-        f = lambda cc: flat_step(_generic(theta, 0), cc, _generic(x, 2))[0]
-        c_r = _generic(c, 1)
-        return [jnp.any(jnp.where(sel, 0, jax.jvp(f, (c_r,), (jnp.where(sel, 1, 0).astype(c.dtype),))[1]) != 0)
-                for sel in bits]
-
-    return one if any(_concrete("UORO's examples", leaks)) else (ids, rows)
 
 
 def online_grad(

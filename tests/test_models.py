@@ -1,6 +1,5 @@
 """Deep models from Cells (stacked, dropout, embedding) and generation."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -8,7 +8,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import jaxbptt as jb
-from jaxbptt import _online_grad
+from jaxbptt import _online_grad, _online_structure
 from steps import mse, problem, scan_loss
 
 T = 8
@@ -94,7 +94,8 @@ def test_snap_pattern_is_found_from_the_step():
     theta, unravel = ravel_pytree(params)
     flat_step = lambda th, c, x: banded(unravel(th), c, x)
     for n in (1, 2, 5):
-        mask, _ = _online_grad._pattern(flat_step, jb.SnAp(n), theta, jnp.zeros(H), jnp.zeros(2))
+        snap = jb.SnAp(n)
+        mask, _ = _online_structure.pattern(flat_step, snap.n, snap.draws, theta, jnp.zeros(H), jnp.zeros(2))
         # a parameter of unit i (U[m, i] inside the band, W[k, i]) reaches unit j in n steps if |i - j| < n
         reach = np.abs(np.arange(H)[:, None] - np.arange(H)[None]) < n
         expected = np.concatenate([(band[:, :, None] & reach[None]).reshape(H * H, H), np.zeros((H, H), bool),
@@ -111,7 +112,7 @@ def test_sparse_snap_equals_masked_dense(name, monkeypatch):
     def every_layout(*args):  # one compilation for the four
         results = []
         for n, sparse in layouts:
-            monkeypatch.setattr(_online_grad._Sparse, "cheaper_than_dense", lambda self, s=sparse: s)
+            monkeypatch.setattr(_online_structure.Sparse, "cheaper_than_dense", lambda self, s=sparse: s)
             results.append(jb.online_grad(step, loss_fn, jb.SnAp(n))(*args))
         return results
 
