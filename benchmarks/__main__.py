@@ -77,15 +77,16 @@ def _selected(section, args):
 _SMOKE_MEASURED: dict = {}
 
 
-def _measured(config, methods, args, peak, skipped) -> list[dict]:
+def _measured(config, methods, baseline, args, peak, skipped) -> list[dict]:
     """`measure` of the methods on one configuration, in the methods' order; a method whose library is
-    missing is left out and its reason recorded in `skipped`."""
+    missing is left out and its reason recorded in `skipped`. Under `--smoke` the gradients are
+    compared with the baseline's rather than with a float64 oracle compiled for each configuration."""
     done = _SMOKE_MEASURED if args.smoke else {}
     todo = [m for m in methods if (config, m) not in done]
     if todo:
         why = {}
         fresh = measure(make_problem(*config), {m: METHODS[m] for m in todo}, budget_s=args.budget,
-                        peak_gflops=peak, skipped=why)
+                        peak_gflops=peak, skipped=why, baseline=baseline if args.smoke else None)
         done.update({(config, r["method"]): r for r in fresh})
         done.update({(config, m): reason for m, reason in why.items()})
     rows = []
@@ -230,7 +231,7 @@ def main(argv=None):
     for section, configs, methods in sections:
         rows, skipped = [], {}
         for config in configs:
-            rows += _measured(config, methods, args, peak, skipped)
+            rows += _measured(config, methods, section.baseline, args, peak, skipped)
             bar.update(1)
         if not rows:
             continue
