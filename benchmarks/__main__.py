@@ -72,6 +72,32 @@ def _selected(section, args):
     return configs, methods
 
 
+# `--smoke` runs every section at one tiny size, so the sections and suites run in one process meet
+# the same (configuration, method) pairs again: the same program on the same data, measured once.
+_SMOKE_MEASURED: dict = {}
+
+
+def _measured(config, methods, baseline, args, peak, skipped) -> list[dict]:
+    """`measure` of the methods on one configuration, in the methods' order; a method whose library is
+    missing is left out and its reason recorded in `skipped`. Under `--smoke` the gradients are
+    compared with the baseline's rather than with a float64 oracle compiled for each configuration."""
+    done = _SMOKE_MEASURED if args.smoke else {}
+    todo = [m for m in methods if (config, m) not in done]
+    if todo:
+        why = {}
+        fresh = measure(make_problem(*config), {m: METHODS[m] for m in todo}, budget_s=args.budget,
+                        peak_gflops=peak, skipped=why, baseline=baseline if args.smoke else None)
+        done.update({(config, r["method"]): r for r in fresh})
+        done.update({(config, m): reason for m, reason in why.items()})
+    rows = []
+    for m in methods:
+        if isinstance(done[(config, m)], str):
+            skipped[m] = done[(config, m)]
+        else:
+            rows.append(dict(done[(config, m)]))
+    return rows
+
+
 def _fmt(value, spec, missing="-"):
     return format(value, spec) if value is not None else missing
 
@@ -204,10 +230,8 @@ def main(argv=None):
     bar = _progress(total, desc="benchmarks", unit="config")
     for section, configs, methods in sections:
         rows, skipped = [], {}
-        for cell, T, B, D, H in configs:
-            problem = make_problem(cell, T, B, D, H)
-            builders = {m: METHODS[m] for m in methods}
-            rows += measure(problem, builders, budget_s=args.budget, peak_gflops=peak, skipped=skipped)
+        for config in configs:
+            rows += _measured(config, methods, section.baseline, args, peak, skipped)
             bar.update(1)
         if not rows:
             continue

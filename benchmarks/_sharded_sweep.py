@@ -58,7 +58,9 @@ def _measure(repeats: int = 5) -> dict:
 def sharded_sweep_timing(devices=(1, 2, 4), timeout_s: int = 600) -> list[dict]:
     rows = []
     for n in devices:
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        # the caller's XLA flags (optimisation level, say) apply to this count's process too
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+        env = dict(os.environ, XLA_FLAGS=flags)
         result = subprocess.run([sys.executable, "-m", "benchmarks._sharded_sweep", str(n)], env=env,
                                 capture_output=True, text=True, timeout=timeout_s)
         if result.returncode:
