@@ -9,9 +9,9 @@ Both paths give the same gradients for every option they accept (up to float rou
 `engine="auto"` (the default) chooses at trace time with `prefers_autodiff`, a small cost model
 of where the engine's fixed per-block cost (an epilogue of output cotangents and parameter products
 for every block) outweighs what it saves per step: short sequences, or narrow carries, at large
-batches. It only ever picks autodiff where that keeps
-every requested feature: no memory policy (autodiff stores every step), no diagnostics, no checked
-mode, no cross-device norms, exact BPTT or chunked truncation by a static length, no clipping.
+batches. It only ever picks autodiff where that keeps every requested feature: no memory policy
+(autodiff stores every step), no diagnostics, no checked mode, no cross-device norms, exact BPTT or
+chunked truncation by a static length, no clipping.
 """
 
 from __future__ import annotations
