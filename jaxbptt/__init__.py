@@ -6,57 +6,57 @@ BPTT, per-step clipping, gradient-flow diagnostics and memory policies, each che
 `jax.grad` of a plain `lax.scan` with the same semantics.
 """
 
-from ._api import value_and_grad as value_and_grad
-from ._bidirectional import bidirectional as bidirectional
-from ._cells import Cell as Cell
-from ._cells import LSTMState as LSTMState
-from ._cells import elman as elman
-from ._cells import gru as gru
-from ._cells import lstm as lstm
-from ._cells import with_readout as with_readout
-from ._combinators import lengths_to_mask as lengths_to_mask
-from ._combinators import masked as masked
-from ._combinators import resettable as resettable
-from ._combinators import stacked as stacked
-from ._deer import DeerInfo as DeerInfo
-from ._deer import deer as deer
-from ._kernel import Kernel as Kernel
-from ._linear_scan import linear_scan as linear_scan
-from ._modern_cells import lru as lru
-from ._modern_cells import mingru as mingru
-from ._modern_cells import minlstm as minlstm
-from ._models import embedding as embedding
-from ._models import generate as generate
-from ._kernel import Step as Step
-from ._online import OnlineState as OnlineState
-from ._parallel import data_parallel as data_parallel
-from ._online import OnlineTBPTT as OnlineTBPTT
-from ._online_grad import RTRL as RTRL
-from ._online_grad import SnAp as SnAp
-from ._online_grad import TBPTT as TBPTT
-from ._online_grad import UORO as UORO
-from ._online_grad import online_grad as online_grad
-from ._online_train import Online as Online
-from ._online_train import OnlineGradState as OnlineGradState
-from ._online_train import online as online
-from ._online import online_tbptt as online_tbptt
+from ._core.api import value_and_grad as value_and_grad
+from ._cells.bidirectional import bidirectional as bidirectional
+from ._cells.rnn import Cell as Cell
+from ._cells.rnn import LSTMState as LSTMState
+from ._cells.rnn import elman as elman
+from ._cells.rnn import gru as gru
+from ._cells.rnn import lstm as lstm
+from ._cells.rnn import with_readout as with_readout
+from ._cells.combinators import lengths_to_mask as lengths_to_mask
+from ._cells.combinators import masked as masked
+from ._cells.combinators import resettable as resettable
+from ._cells.combinators import stacked as stacked
+from ._parallel.deer import DeerInfo as DeerInfo
+from ._parallel.deer import deer as deer
+from ._engine.kernel import Kernel as Kernel
+from ._parallel.linear_scan import linear_scan as linear_scan
+from ._cells.modern import lru as lru
+from ._cells.modern import mingru as mingru
+from ._cells.modern import minlstm as minlstm
+from ._cells.models import embedding as embedding
+from ._cells.models import generate as generate
+from ._engine.kernel import Step as Step
+from ._online.tbptt import OnlineState as OnlineState
+from ._parallel.data_parallel import data_parallel as data_parallel
+from ._online.tbptt import OnlineTBPTT as OnlineTBPTT
+from ._online.grad import RTRL as RTRL
+from ._online.grad import SnAp as SnAp
+from ._online.grad import TBPTT as TBPTT
+from ._online.grad import UORO as UORO
+from ._online.grad import online_grad as online_grad
+from ._online.train import Online as Online
+from ._online.train import OnlineGradState as OnlineGradState
+from ._online.train import online as online
+from ._online.tbptt import online_tbptt as online_tbptt
 from ._plot import plot_gradient_flow as plot_gradient_flow
-from ._reference import check_grads as check_grads
-from ._remat import Binomial as Binomial
-from ._remat import Every as Every
-from ._remat import Sqrt as Sqrt
-from ._reference import clip_identity as clip_identity
-from ._reference import reference_unroll as reference_unroll
-from ._reference import reference_value_and_grad as reference_value_and_grad
-from ._reverse import Diagnostics as Diagnostics
-from ._sweep import sharded_sweep as sharded_sweep
+from ._core.reference import check_grads as check_grads
+from ._engine.remat import Binomial as Binomial
+from ._engine.remat import Every as Every
+from ._engine.remat import Sqrt as Sqrt
+from ._core.reference import clip_identity as clip_identity
+from ._core.reference import reference_unroll as reference_unroll
+from ._core.reference import reference_value_and_grad as reference_value_and_grad
+from ._engine.reverse import Diagnostics as Diagnostics
+from ._parallel.sweep import sharded_sweep as sharded_sweep
 from ._training import make_train_step as make_train_step
 from ._training import train_loop as train_loop
-from ._unroll import diagnostics_probe as diagnostics_probe
-from ._unroll import unroll as unroll
+from ._core.unroll import diagnostics_probe as diagnostics_probe
+from ._core.unroll import unroll as unroll
 
-from . import adapters as adapters
-from . import tasks as tasks
+from . import adapters
+from . import tasks
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,7 @@ import jax
 import optax
 from jax import lax
 
-from ._api import value_and_grad
+from ._core.api import value_and_grad
 from ._types import LossFn, PyTree, StepFn
 
 
@@ -119,7 +119,7 @@ def train_loop(train_step: Callable, batch_fn: Callable, iterations: int, *, eva
 
     Initialise the params of each seed outside `vmap`, as above: vmapping an orthogonal
     initialisation runs a batched QR, which can deadlock JAX's CPU backend on two cores (seen with
-    JAX 0.10; `jaxbptt.experiments.init_seeds` does it for you).
+    JAX 0.10; `init_seeds` in `examples/experiments.py` does it).
     """
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be a positive int; got iterations={iterations!r}.")

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._cells import Cell, elman, gru, lstm
+from ._cells.rnn import Cell, elman, gru, lstm
 from ._types import PyTree, StepFn
 
 

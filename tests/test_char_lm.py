@@ -2,7 +2,7 @@
 
 import math
 
-from jaxbptt.examples import char_lm
+from examples import char_lm
 
 
 def test_char_lm_smoke(capsys):

@@ -7,7 +7,7 @@ import pytest
 from jax import lax
 
 import jaxbptt as jb
-import jaxbptt._kernel
+import jaxbptt._engine.kernel
 from steps import mse, problem, scan_loss
 
 
@@ -89,7 +89,7 @@ def test_grad_of_jit_with_respect_to_a_declared_closure(name, monkeypatch):
     loss = lambda i, p, run: _objective(*run(make(i), p, carry, inputs))
     grad = lambda run: jax.grad(lambda i, p: loss(i, p, run), argnums=(0, 1))
 
-    monkeypatch.setattr(jaxbptt._kernel, "generic_kernel", lambda *a: pytest.fail("the generic kernel was built"))
+    monkeypatch.setattr(jaxbptt._engine.kernel, "generic_kernel", lambda *a: pytest.fail("the generic kernel was built"))
     if name == "nested":
         inits = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), init)
         ref = jax.jit(jax.vmap(grad(_scan), in_axes=(0, None)))(inits, params)
@@ -141,7 +141,7 @@ def test_closures_through_value_and_grad_and_the_other_combinators(monkeypatch):
     loss = lambda i, run: _objective(*run(model(i).step, params, carry, inputs[0]))
     ref = jax.jit(jax.grad(loss), static_argnums=1)(init, _scan)
     with monkeypatch.context() as patch:
-        patch.setattr(jaxbptt._kernel, "generic_kernel", lambda *a: pytest.fail("the generic kernel was built"))
+        patch.setattr(jaxbptt._engine.kernel, "generic_kernel", lambda *a: pytest.fail("the generic kernel was built"))
         chex.assert_trees_all_close(jax.grad(jax.jit(loss, static_argnums=1))(init, jb.unroll), ref, rtol=1e-10)
 
     def both(i, unroll):

@@ -96,7 +96,7 @@ def test_check_grads(method):
 def test_chunk_boundaries(monkeypatch, length, chunk):
     """T not a multiple of the chunk (identity steps pad the last chunk), T=1 (shorter than a chunk): both
     directions of a real and a complex leaf in one loss, against the sequential scan."""
-    monkeypatch.setattr("jaxbptt._linear_scan._chunk_length", lambda _: chunk)
+    monkeypatch.setattr("jaxbptt._parallel.linear_scan._chunk_length", lambda _: chunk)
     real, cplx = _data(7), _data(8, True)
     args = tuple({"r": r[:length, 0], "c": c[:length, 0, :2]} for r, c in zip(real[:2], cplx[:2]))
     args += ({"r": real[2][0], "c": cplx[2][0, :2]},)

@@ -131,8 +131,8 @@ def test_errors(make, match):
 
 
 def test_adding_experiment_at_a_tiny_size():
-    """`python -m jaxbptt.experiments --modern` at its smoke size, one cell and one seed."""
-    from jaxbptt._parallel_experiments import run_modern
+    """`python -m examples.experiments --modern` at its smoke size, one cell and one seed."""
+    from examples.parallel_experiments import run_modern
 
     (result,) = run_modern(quick=True, seeds=1, models=("minGRU",))
     assert (result.experiment, result.model, result.iterations) == ("adding, T=10", "minGRU (lr 0.01)", 20)

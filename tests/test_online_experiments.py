@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxbptt as jb
-import jaxbptt.online_experiments as ex
+import examples.online_experiments as ex
 
 
 def test_influence_balancing_fixed_point_and_smoke(capsys):

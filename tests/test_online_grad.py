@@ -8,7 +8,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import jaxbptt as jb
-from jaxbptt import _online_grad, _online_structure
+from jaxbptt._online import grad as _online_grad, structure as _online_structure
 from steps import mse, problem, scan_loss
 
 T = 8

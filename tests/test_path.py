@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import pytest
 
 import jaxbptt as jb
-from jaxbptt import _path
-from jaxbptt._options import resolve
-from jaxbptt._remat import make_plan
+from jaxbptt._core import methods as _path
+from jaxbptt._core.options import resolve
+from jaxbptt._engine.remat import make_plan
 from steps import problem
 
 ARGNUMS = (0, 1, 2)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxbptt as jb
-from jaxbptt import gradflow
+from examples import gradflow
 
 
 def _png_size(path):

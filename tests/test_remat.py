@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jaxbptt as jb
-from jaxbptt._remat import (_beta_lookup, _binomials, _search_repetitions, _split, binomial_cost, binomial_schedule,
+from jaxbptt._engine.remat import (_beta_lookup, _binomials, _search_repetitions, _split, binomial_cost, binomial_schedule,
                             binomial_split)
 from steps import problem
 
@@ -152,7 +152,7 @@ def test_bad_binomial(remat, message):
 
 
 def test_binomial_schedule_longer_than_a_loop_can_count():
-    from jaxbptt._remat import make_plan
+    from jaxbptt._engine.remat import make_plan
 
     with pytest.raises(ValueError, match=r"remat=Binomial\(slots=1, block=1\) on 1000000 steps would run "
                                          r"500000500000 blocks of 1 steps .* more slots or a larger block"):
@@ -160,7 +160,7 @@ def test_binomial_schedule_longer_than_a_loop_can_count():
 
 
 def test_policy_values_equal_their_spellings():
-    from jaxbptt._remat import make_plan
+    from jaxbptt._engine.remat import make_plan
 
     assert make_plan(100, jb.Every(7), 4) == make_plan(100, 7, 4)
     assert make_plan(100, jb.Sqrt(), 4) == make_plan(100, "sqrt", 4)

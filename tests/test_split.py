@@ -9,7 +9,7 @@ from jax import lax
 from jax.test_util import check_grads
 
 import jaxbptt as jb
-from jaxbptt._split import split_step
+from jaxbptt._engine.split import split_step
 from steps import scan_loss, two_layer_init, two_layer_step
 
 

@@ -106,7 +106,7 @@ def test_vmapped_sweep_equals_separate_runs():
 
 
 def test_experiments_smoke_run(tmp_path):
-    from jaxbptt import experiments
+    from examples import experiments
 
     results = experiments.main(["--smoke", "--seeds", "1", "--out", str(tmp_path / "curves.png")])
     # the first model of each experiment; exact and truncated runs of the truncation and copy ones

@@ -1,0 +1,1 @@
+"""The call: options checked and resolved once, the methods that compute gradients, the public entry points."""

@@ -1,0 +1,1 @@
+"""The reverse-scan engine: kernels, the step split, the reverse scan and memory policies."""

@@ -1,0 +1,1 @@
+"""Gradients computed forward in time, and online training."""

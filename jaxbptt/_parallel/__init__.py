@@ -1,0 +1,1 @@
+"""Parallel in time, and across devices."""

@@ -1,1 +1,0 @@
-"""Runnable examples: `python -m jaxbptt.examples.char_lm`."""
