@@ -104,13 +104,12 @@ def check_carry(step: Callable, params: PyTree, carry: PyTree, xs: PyTree) -> Py
     return jax.tree.unflatten(in_struct, fixed)
 
 
-def check_loss(loss_fn: Callable, y: PyTree, target: PyTree) -> None:
-    out = jax.eval_shape(loss_fn, y, target)
+def check_loss(loss_fn: Callable, *args, call: str = "loss_fn(y_t, target_t)", what: str = "the loss of one step"):
+    """`loss_fn(*args)` must be a float scalar; returns its abstract value."""
+    out = jax.eval_shape(loss_fn, *args)
     if not hasattr(out, "shape") or out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
-        raise ValueError(
-            "loss_fn(y_t, target_t) must return a float scalar (the loss of one step); got "
-            f"{jax.tree.map(_aval, out)}."
-        )
+        raise ValueError(f"{call} must return a float scalar ({what}); got {jax.tree.map(_aval, out)}.")
+    return out
 
 
 def check_truncation(truncation) -> None:

@@ -129,8 +129,9 @@ def test_bad_clip_norm(clip_norm, error, message):
 @pytest.mark.parametrize(
     "remat, error, message",
     [
-        (0, ValueError, r"remat must be a positive int \(checkpoint every s steps\); got remat=0"),
-        ("cubic", TypeError, r"remat must be None, a positive int .*, 'sqrt' or jaxbptt.Binomial\(slots\); got 'cubic'"),
+        (0, ValueError, r"remat must be a positive int or jaxbptt.Every\(steps\) .*; got remat=0"),
+        (jb.Every(-1), ValueError, r"remat must be a positive int .*; got remat=Every\(steps=-1\)"),
+        ("cubic", TypeError, r"remat must be None, a positive int .*, 'sqrt' .* or jaxbptt.Binomial\(slots\); got 'cubic'"),
         (1.5, TypeError, r"remat must be None, a positive int"),
     ],
 )

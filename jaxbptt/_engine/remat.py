@@ -81,11 +81,14 @@ class Sqrt(NamedTuple):
     """`remat=Sqrt()`: `Every(ceil(sqrt(T)))`, O(sqrt(T)) carries kept (the same as `remat="sqrt"`)."""
 
 
-def _canonical(remat):
-    """The int / "sqrt" spelling of a policy value (the engine's own)."""
-    if isinstance(remat, Every):
-        return remat.steps
-    return "sqrt" if isinstance(remat, Sqrt) else remat
+def canonical_remat(remat):
+    """The policy as a value: `None`, `Every(s)` (also spelled `s`), `Sqrt()` (also `"sqrt"`) or
+    `Binomial`."""
+    if isinstance(remat, int) and not isinstance(remat, bool):
+        return Every(remat)
+    if isinstance(remat, str) and remat == "sqrt":
+        return Sqrt()
+    return remat
 
 
 class Schedule(NamedTuple):
@@ -185,35 +188,39 @@ def _groups(length: int, block: int) -> tuple[tuple[int, int, int], ...]:
 
 
 def validate_remat(remat) -> None:
-    remat = _canonical(remat)
-    if remat is None or (isinstance(remat, str) and remat == "sqrt"):
+    policy = canonical_remat(remat)
+    if policy is None or isinstance(policy, Sqrt):
         return
-    if isinstance(remat, Binomial):
-        if isinstance(remat.slots, bool) or not isinstance(remat.slots, int) or remat.slots < 1:
-            raise ValueError(f"remat=Binomial(slots) needs an int slots >= 1 (carries kept); got slots={remat.slots!r}.")
-        if remat.block is not None and (not isinstance(remat.block, int) or remat.block < 1):
-            raise ValueError(f"remat=Binomial(slots, block) needs block None or an int >= 1; got block={remat.block!r}.")
+    if isinstance(policy, Binomial):
+        if isinstance(policy.slots, bool) or not isinstance(policy.slots, int) or policy.slots < 1:
+            raise ValueError(f"remat=Binomial(slots) needs an int slots >= 1 (carries kept); got slots={policy.slots!r}.")
+        if policy.block is not None and (isinstance(policy.block, bool) or not isinstance(policy.block, int)
+                                         or policy.block < 1):
+            raise ValueError(f"remat=Binomial(slots, block) needs block None or an int >= 1; got block={policy.block!r}.")
         return
-    if isinstance(remat, bool) or not isinstance(remat, int):
+    if not isinstance(policy, Every):
         raise TypeError(
-            f"remat must be None, a positive int (checkpoint every s steps), 'sqrt' or jaxbptt.Binomial(slots); "
-            f"got {remat!r} of type {type(remat).__name__}."
+            f"remat must be None, a positive int or jaxbptt.Every(steps), 'sqrt' or jaxbptt.Sqrt(), or "
+            f"jaxbptt.Binomial(slots); got {remat!r} of type {type(remat).__name__}."
         )
-    if remat < 1:
-        raise ValueError(f"remat must be a positive int (checkpoint every s steps); got remat={remat}.")
+    if isinstance(policy.steps, bool) or not isinstance(policy.steps, int) or policy.steps < 1:
+        raise ValueError(f"remat must be a positive int or jaxbptt.Every(steps) with an int steps >= 1 (checkpoint "
+                         f"every s steps); got remat={remat!r}.")
 
 
-def make_plan(length: int, remat, rows_per_step: int, elements_per_step: int = 0) -> Plan:
+def make_plan(length: int, remat, rows_per_step: int, elements_per_step: int = 0, store: Optional[bool] = None) -> Plan:
     """The schedule for a sequence of `length` steps whose carry has `rows_per_step` batch rows and
-    `elements_per_step` elements in all."""
+    `elements_per_step` elements in all. With `remat=None`, `store=False` keeps only each block's
+    starting carry and recomputes the block before reversing it (what is cheaper to recompute than
+    to store); `store=None` or True keeps every step's residuals."""
     validate_remat(remat)
-    remat = _canonical(remat)
+    remat = canonical_remat(remat)
     by_elements = _BLOCK_ELEMENTS // elements_per_step if elements_per_step else 0
     most = max(math.ceil(_TARGET_ROWS / max(rows_per_step, 1)), by_elements)
     block = min(most, math.ceil(length / _MIN_BLOCKS))
     block = _even_block(length, max(block, 1))
     if remat is None:
-        return Plan(length, _groups(length, block), store=True)
+        return Plan(length, _groups(length, block), store=store is not False)
     if isinstance(remat, Binomial):
         groups = _groups(length, remat.block or block)
         units = sum(count for _, _, count in groups)
@@ -225,7 +232,7 @@ def make_plan(length: int, remat, rows_per_step: int, elements_per_step: int = 0
                 f"slots or a larger block."
             )
         return Plan(length, groups, store=False, schedule=schedule)
-    segment = math.ceil(math.sqrt(length)) if remat == "sqrt" else remat
+    segment = math.ceil(math.sqrt(length)) if isinstance(remat, Sqrt) else remat.steps
     return Plan(length, _groups(length, segment), store=False)
 
 

@@ -13,7 +13,7 @@ from .._core import layout as _layout
 from .. import _validate as v
 from .._cells.combinators import masked
 from .._types import LossFn, PyTree, StepFn
-from .._core.unroll import unroll as _unroll
+from .._core.api import unroll as _unroll
 
 
 class OnlineState(NamedTuple):
