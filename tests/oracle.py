@@ -74,7 +74,7 @@ def value_and_grad(step, loss_fn, params, carry, xs, targets, *, truncation=None
     if final_loss is not None:
         value, dfinal = jax.value_and_grad(final_loss)(carries[-1])
         loss = loss + value
-    dparams, dcarry = _zeros(params), _zeros(carry)
+    dparams, dcarry = _zeros(params), (dfinal if T == 0 else _zeros(carry))
     dxs = [_zeros(at(xs, t)) for t in range(T)]
     chunks = windows(T, truncation)
     for index, (first, end, stop) in enumerate(chunks):
@@ -88,5 +88,5 @@ def value_and_grad(step, loss_fn, params, carry, xs, targets, *, truncation=None
                 a = clip(a, clip_norm, clip_scope)
         if stop == 0:
             dcarry = _add(dcarry, a)
-    dxs = jax.tree.map(lambda *a: jnp.stack(a), *dxs)
+    dxs = jax.tree.map(lambda *a: jnp.stack(a), *dxs) if T else _zeros(xs)
     return (loss, carries[-1]), (dparams, dcarry, dxs)

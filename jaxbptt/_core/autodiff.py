@@ -17,14 +17,15 @@ from .surrogates import surrogate_unroll
 def value_and_grad(call: Call, checkpoint: bool) -> Result:
     loss, targets = call.loss, call.targets
 
+    head = loss.with_aux if loss.has_aux else loss.per_step
+    if head is None:  # no per-step loss: the outputs are dropped in the loop
+        head = lambda y, t: jnp.zeros((), call.loss_dtype)
+
     def total(params, carry, xs):
-        final, ys = surrogate_unroll(call.step, params, carry, xs, call.length, call.opts, checkpoint=checkpoint)
-        value, aux = jnp.zeros((), call.loss_dtype), None
-        if loss.has_aux:
-            losses, aux = jax.vmap(loss.with_aux)(ys, targets)
-            value = jnp.sum(losses)
-        elif loss.per_step is not None:
-            value = jnp.sum(jax.vmap(loss.per_step)(ys, targets))
+        final, heads = surrogate_unroll(call.step, params, carry, xs, call.length, call.opts, checkpoint=checkpoint,
+                                        head=head, targets=targets)
+        losses, aux = heads if loss.has_aux else (heads, None)
+        value = jnp.sum(losses)
         if loss.final is not None:
             value = value + loss.final(final)
         return value.astype(call.loss_dtype), (final, aux)

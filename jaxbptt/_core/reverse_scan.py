@@ -80,7 +80,7 @@ def _differentiable_unroll(step, plan: Plan):
     @jax.custom_vjp
     def run(params, carry, xs, opts, probe):
         del probe
-        return lax.scan(lambda c, x: step(params, c, x), carry, xs, unroll=opts.unroll)
+        return run_fwd(params, carry, xs, opts, None)[0]
 
     def run_fwd(params, carry, xs, opts, probe):
         kernel, consts = reverse.setup(step, params, carry, xs)

@@ -94,27 +94,33 @@ def _where(cond, a, b):
 
 
 def surrogate_unroll(step, params, carry, xs, length: int, opts: Options, *, checkpoint: bool = False,
-                     perturbation=None):
+                     perturbation=None, head=None, targets=None):
     """`(final_carry, ys)` of the plain scan (time-major), through the option surrogates.
 
     `checkpoint=True` scans `jax.checkpoint(step)`: the backward pass stores each step's carry
     and input only and recomputes the step's residuals. `perturbation` (a pytree like the carry
     with a leading time axis) is added to the carry entering each step, after clipping; its
-    gradient is the cotangent of that carry before clipping (the diagnostics).
+    gradient is the cotangent of that carry before clipping (the diagnostics). With `head`, a
+    function `head(y_t, target_t)` (a per-step loss), the scan returns its values instead of `ys`,
+    evaluated inside the loop as `jax.grad` through `lax.scan` of a summed loss would, so that
+    the outputs are never stored whole.
     """
     if checkpoint:
         step = jax.checkpoint(step)
     if opts.truncation.windows:
-        return _williams_peng(step, params, carry, xs, length, opts, perturbation)
+        final, ys = _williams_peng(step, params, carry, xs, length, opts, perturbation)
+        return final, ys if head is None else jax.vmap(head)(ys, targets)
     trunc = opts.truncation
+    indexed = trunc.active or perturbation is not None
 
     def body(c, inputs):
-        t, x = inputs
+        t, x, target = inputs
         if trunc.active:
             c = _where((t % trunc.chunk == 0) & (t > 0), cut(c), c)
-        return step(params, _step_input(c, t, opts, perturbation), x)
+        c, y = step(params, _step_input(c, t, opts, perturbation), x)
+        return c, y if head is None else head(y, target)
 
-    return lax.scan(body, carry, (jnp.arange(length), xs), unroll=opts.unroll)
+    return lax.scan(body, carry, (jnp.arange(length) if indexed else None, xs, targets), unroll=opts.unroll)
 
 
 def _williams_peng(step, params, carry, xs, length, opts: Options, perturbation):
