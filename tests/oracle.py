@@ -37,7 +37,7 @@ def windows(T, truncation):
     """Per chunk of errors `(first, end)`, the step where its backward pass stops: `stop` is the
     first step whose entering carry's cotangent is still propagated past (errors of steps
     [first, end) flow back to the carry entering step `stop`, and no further unless stop == 0)."""
-    if truncation is None:
+    if truncation is None or T == 0:
         return [(0, T, 0)]
     k1, k2 = (truncation, truncation) if isinstance(truncation, int) else truncation
     out = []
@@ -74,7 +74,7 @@ def value_and_grad(step, loss_fn, params, carry, xs, targets, *, truncation=None
     if final_loss is not None:
         value, dfinal = jax.value_and_grad(final_loss)(carries[-1])
         loss = loss + value
-    dparams, dcarry = _zeros(params), (dfinal if T == 0 else _zeros(carry))
+    dparams, dcarry = _zeros(params), _zeros(carry)
     dxs = [_zeros(at(xs, t)) for t in range(T)]
     chunks = windows(T, truncation)
     for index, (first, end, stop) in enumerate(chunks):
