@@ -55,6 +55,11 @@ def masked(step: StepFn) -> StepFn:
     zero the padded rows' loss, as in the example. Padded inputs must be finite (zeros, say):
     a zero cotangent times a non-finite residual is still NaN, and jaxbptt never hides a NaN.
 
+    Raises:
+      TypeError: (when the step is traced) an input that is not a pair `(x, mask)`, or a mask that
+        is not bool.
+      ValueError: a mask whose shape is not the carry's batch shape.
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxbptt as jb
       >>> cell = jb.elman(4)
@@ -111,6 +116,12 @@ def resettable(step: StepFn, initial_carry: PyTree) -> StepFn:
     boundaries, as in reinforcement learning. Gradients stop at a reset, as across episodes.
     `initial_carry` may be learned: `jax.grad` with respect to it (under `jit` too) is as through
     `lax.scan`, and over a kernel-backed step (a built-in cell's) the kernel computes it.
+
+    Raises:
+      TypeError: (when the step is traced) an input that is not a pair `(x, reset)`, a reset that is
+        not bool, or an `initial_carry` whose pytree structure is not the carry's.
+      ValueError: a reset whose shape is not the carry's batch shape, or an `initial_carry` leaf
+        that does not broadcast to the carry's leaf.
 
     Examples:
       >>> import jax.numpy as jnp, jaxbptt as jb
