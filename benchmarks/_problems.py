@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 
 import jaxbptt as jb
@@ -195,3 +197,22 @@ def as_float64(problem: Problem) -> Problem:
     cast = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
     return problem._replace(params=cast(problem.params), carry=cast(problem.carry), xs=cast(problem.xs),
                             targets=cast(problem.targets))
+
+
+def _dot_flop(jaxpr: jax.extend.core.Jaxpr) -> int:
+    """FLOP of the matrix products in a jaxpr and the jaxprs nested in it (2 per multiply-add)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contracted, _), _ = eqn.params["dimension_numbers"]
+            depth = math.prod(eqn.invars[0].aval.shape[d] for d in contracted)
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * depth
+        total += sum(_dot_flop(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+    return total
+
+
+def step_flop(problem: Problem) -> int:
+    """Matrix-product FLOP of one step of the problem's model over its batch, counted in the step's own
+    jaxpr: so a mask adds nothing, a second layer adds its products, a readout its own."""
+    x = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), problem.xs)
+    return _dot_flop(jax.make_jaxpr(problem.step)(problem.params, problem.carry, x).jaxpr)

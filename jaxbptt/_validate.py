@@ -186,3 +186,16 @@ def check_differentiable(name: str, tree: PyTree) -> None:
                 f"cannot differentiate with respect to {name}: {_path(name, keypath)} has dtype "
                 f"{jnp.result_type(leaf).name}, not a float dtype. Drop it from argnums or make it a float."
             )
+
+
+class _Written(str):
+    """A string that `repr` writes as it is (an array leaf's `dtype[shape]` inside a container's repr)."""
+
+    __repr__ = str.__str__
+
+
+def describe(tree: PyTree) -> str:
+    """`tree` for an error message: its containers as Python writes them, each array as `dtype[shape]`,
+    e.g. `(float32[12,8,2], Targets(value=float32[12,8,1], weight=float32[12,8,1]))`."""
+    written = jax.tree.map(lambda a: _Written(_aval(a)) if hasattr(a, "shape") and hasattr(a, "dtype") else a, tree)
+    return repr(written)
