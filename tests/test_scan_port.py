@@ -27,9 +27,6 @@ How the port departs from JAX's tests:
 6. Under `vmap`, `unroll` is a custom VJP whose outputs JAX cannot see through: a carry passed
    through unchanged comes out batched where `lax.scan`'s stays unbatched
    (test_scan_readonly_carry_optimization runs with `out_axes=0`).
-
-An expected failure (`xfail`, strict) marks a case that fails because of a defect in jaxbptt; its
-reason says how it fails.
 """
 
 import itertools
@@ -121,12 +118,9 @@ def test_scan_impl_and_grad(jit_scan):
     assert_close(run(unroll_as_scan), run(lax_scan))
 
 
-UNROLL_REFUSED = pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "jaxbptt.unroll refuses unroll=True and unroll=0 (ValueError: unroll must be a positive int), "
-    "which lax.scan takes as 'unroll the whole loop'"))
 
 
-@pytest.mark.parametrize("unroll", [pytest.param(True, marks=UNROLL_REFUSED), pytest.param(0, marks=UNROLL_REFUSED)])
+@pytest.mark.parametrize("unroll", [True, 0])
 def test_scan_unroll(unroll):
     """test_scan_unroll's spellings of a fully unrolled loop (its HLO sizes are lax.scan's own)."""
     xs, c = jnp.ones((5, 3)), jnp.ones(4)
@@ -189,14 +183,10 @@ def vmap_reference(fn, cases, in_axes, argnums, per_example=False):
 
 
 VMAP_AXES = [axes for axes in itertools.product([None, 0, 1], [None, 0, 1, 2]) if axes != (None, None)]
-BATCHING_UNDER_JIT = pytest.mark.xfail(strict=True, reason=(
-    "with jit or jax.checkpoint between vmap and unroll, ys come back with time and batch swapped ((5, 7) "
-    "where lax.scan gives (7, 5)), or the VJP rejects its cotangent for that reason: JAX's custom_vjp "
-    "batching under jit assumes the primal and the forward rule batch their outputs alike, and unroll's do not"))
 
 
-@pytest.mark.parametrize("between", ["nothing", pytest.param("jit", marks=BATCHING_UNDER_JIT),
-                                     pytest.param("checkpoint", marks=BATCHING_UNDER_JIT)])
+@pytest.mark.parametrize("between", ["nothing", "jit",
+                                     "checkpoint"])
 def test_scan_vmap(between):
     """testScanVmap: every pair of batch axes of the carry and the inputs (7 examples), with
     `between` the unroll and `vmap`; values and the VJP of the vmapped unroll."""
@@ -290,13 +280,9 @@ def test_scan_rnn():
 
 # Which of (params, initial state, inputs) are batched over the 3 examples: every combination.
 RNN_BATCHED = [b for b in itertools.product([False, True], repeat=3) if any(b)]
-VMAP_OF_JIT = pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "vmap of a jitted loss calling unroll: unroll's custom_vjp, batched under jit, returns ys (3, 7, 1) where "
-    "(7, 3, 1) is expected ('sub got incompatible shapes for broadcasting: (7, 3, 1), (3, 7, 1)'); at lengths "
-    "where the shapes happen to match, the gradient is silently wrong"))
 
 
-@pytest.mark.parametrize("order", [pytest.param("vmap_of_jit", marks=VMAP_OF_JIT), "jit_of_vmap"])
+@pytest.mark.parametrize("order", ["vmap_of_jit", "jit_of_vmap"])
 def test_scan_rnn_batched(order):
     """testScanRnn's batch of losses, as training takes it: `vmap` over 3 examples of a loss, with
     every combination of batched and unbatched parameters, initial state and inputs (the targets
@@ -324,12 +310,9 @@ def test_scan_rnn_batched(order):
     assert_close(run(cases), expected)
 
 
-ZERO_WIDTH = pytest.mark.xfail(strict=True, raises=ZeroDivisionError, reason=(
-    "an input leaf of width 0 (xs of shape (T, 0)) crashes the backward pass: ZeroDivisionError, integer "
-    "modulo by zero, in the engine's _concat_time"))
 
 
-@pytest.mark.parametrize("width", [1, pytest.param(0, marks=ZERO_WIDTH)])
+@pytest.mark.parametrize("width", [1, 0])
 def test_issue711(width):
     """testIssue711: reverse mode through an unroll whose step itself takes a gradient, with an int
     counter in the carry and, as JAX has it, inputs of width 0 (`jnp.zeros((T, 0))`) as the only xs."""
@@ -348,12 +331,9 @@ def test_issue711(width):
     assert_close(run(unroll_as_scan, 0.25), run(lax_scan, 0.25))
 
 
-PSUM_UNDER_VJP = pytest.mark.xfail(strict=True, raises=NameError, reason=(
-    "lax.psum over the vmap axis inside the step fails in the VJP: NameError 'Found an unbound axis name: i' "
-    "(unroll's bwd rebuilds the kernel, tracing the step in split_step, where the vmap's axis name is unbound)"))
 
 
-@pytest.mark.parametrize("differentiate", [False, pytest.param(True, marks=PSUM_UNDER_VJP)])
+@pytest.mark.parametrize("differentiate", [False, True])
 def test_scan_vmap_collectives(differentiate):
     """test_scan_vmap_collectives and testIssue804 (`pmap` there, `vmap` here): `lax.psum` over the
     vmapped axis inside the step, in the carry and in the output; values, and the VJP."""
@@ -368,13 +348,9 @@ def test_scan_vmap_collectives(differentiate):
     assert_close(run(unroll_as_scan), run(lax_scan))
 
 
-FLOAT_COTANGENT = pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "a custom_vjp in the step whose bwd returns a Python float for a parameter (here the closed-over coeff) "
-    "crashes the backward pass: AttributeError: 'float' object has no attribute 'astype', in _engine/reverse.py's "
-    "_add of the parameter gradients"))
 
 
-@pytest.mark.parametrize("coeff_cotangent", ["array", pytest.param("python_float", marks=FLOAT_COTANGENT)])
+@pytest.mark.parametrize("coeff_cotangent", ["array", "python_float"])
 def test_custom_vjp_scan_batching_edge_case(coeff_cotangent):
     """custom_api_test's test_custom_vjp_scan_batching_edge_case: a custom_vjp in the step, closing
     over a coefficient, vmapped over examples; its bwd returns an array, or a Python float as
@@ -399,9 +375,6 @@ def test_custom_vjp_scan_batching_edge_case(coeff_cotangent):
     assert_close(run(unroll_as_scan, x_batch, 1.3), run(lax_scan, x_batch, 1.3))
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "jaxbptt.unroll has no length= (TypeError: unroll() got an unexpected keyword argument 'length'), so a "
-    "body without inputs (xs=None) cannot run"))
 def test_length_argument():
     """testScanLengthArg, test_scan_xs_none, testScanLengthError, and test_scan_hoisting_consts'
     gradient of a body without inputs."""
@@ -588,12 +561,8 @@ def test_vmap_axis_env_and_readonly_carry():
     np.testing.assert_array_equal(jax.vmap(f, (0, None))(jnp.arange(3.0), 3.0), [3.0, 3.0, 3.0])
 
 
-EFFECTS_DROPPED = pytest.mark.xfail(strict=True, reason=(
-    "under jax.grad the step's jax.debug.callback (and jax.debug.print) never runs: the engine's split of the "
-    "step keeps no effectful equation, where a plain unroll, and lax.scan under jax.grad, run it every step"))
 
 
-@EFFECTS_DROPPED
 def test_scan_diff_of_print():
     """test_scan_diff_of_print: a differentiated unroll keeps the step's debugging effects (JAX
     looks for the print in the jaxpr; here the callback's calls are counted)."""

@@ -236,6 +236,7 @@ def unroll(
     probe=None,
     engine="auto",
     time_axis: int = 0,
+    length: Optional[int] = None,
 ) -> tuple[Carry, PyTree]:
     """Run `step` over time, with reverse-mode derivatives from the hand-written reverse scan.
 
@@ -268,7 +269,8 @@ def unroll(
         dtypes; `y` may be None.
       params: pytree of parameters.
       carry: the initial carry.
-      xs: pytree whose leaves have time as the leading axis (length T).
+      xs: pytree whose leaves have time as the leading axis (length T), or None (then `length`
+        gives T and the step receives `x=None`), as in `lax.scan`.
       truncation, remat, clip_norm, clip_scope, unroll, time_axis: as in `jaxbptt.value_and_grad`.
       reverse: run from the last step to the first, as in `lax.scan` (truncation chunks then
         count from the end).
@@ -276,6 +278,8 @@ def unroll(
         `jaxbptt.Diagnostics` of the reverse scan (per-step adjoint norm and clipped flag, indexed
         by time step).
       engine: as in `jaxbptt.value_and_grad`.
+      length: the number of steps, needed when `xs` holds no arrays (None); if given with `xs`, it
+        must equal their time axis.
 
     Returns:
       `(final_carry, ys)`, `ys` stacked along the time axis (`time_axis`).
@@ -305,7 +309,7 @@ def unroll(
     refuse(method, used)
     call = calls.prepare(step, params, carry, xs, time_axis=time_axis, argnums=(0, 1, 2), truncation=truncation,
                          clip_norm=clip_norm, clip_scope=clip_scope, remat=remat, diagnostics=probe is not None,
-                         unroll=unroll)
+                         unroll=unroll, length=length)
     if probe is not None:
         _check_probe(probe, call.length)
     if call.length == 0:

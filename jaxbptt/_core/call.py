@@ -100,12 +100,27 @@ def _batch_major_hint(carry, xs, time_axis: int) -> str:
     return ""
 
 
+def _length(xs, length) -> int:
+    """T: the leading axis of `xs`, or `length` where `xs` has no leaves (no per-step inputs)."""
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 0):
+        raise ValueError(f"length must be None or a non-negative int (the number of steps); got length={length!r}.")
+    if not jax.tree.leaves(xs):
+        if length is None:
+            raise ValueError(f"xs={xs!r} has no arrays to take the number of steps from: pass length=T, as to "
+                             f"lax.scan.")
+        return length
+    found = v.time_length("xs", xs)
+    if length is not None and length != found:
+        raise ValueError(f"length={length} disagrees with the leading (time) axis of xs, of length {found}.")
+    return found
+
+
 def prepare(step, params, carry, xs, targets=None, *, loss: Optional[Loss] = None, argnums=(0,), time_axis=0,
             truncation=None, clip_norm=None, clip_scope="batch", remat=None, diagnostics=False, unroll=1,
-            check_finite=False, axis_name=None) -> Call:
+            check_finite=False, axis_name=None, length=None) -> Call:
     """The trace-time checks of a call and its resolution (see the module docstring)."""
     xs = layout.time_major(xs, time_axis)
-    length = v.time_length("xs", xs)
+    length = _length(xs, length)
     if loss is not None and loss.per_step is not None:
         if targets is None:
             raise ValueError("targets=None is only for a call with no per-step loss (loss_fn=None); this call's "

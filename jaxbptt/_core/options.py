@@ -93,7 +93,7 @@ class Options:
     remat: Any = None  # the memory policy: None, or an `Every`, `Sqrt` or `Binomial` value
     clip_scope: str = "batch"  # "batch" or "example"
     diagnostics: bool = False  # record per-step adjoint norms and clipped flags
-    unroll: int = 1  # steps per iteration of the inner loops
+    unroll: Any = 1  # steps per iteration of the inner loops (True: the whole loop), as lax.scan takes it
     check_finite: bool = False  # checkify every forward and backward value
     axis_name: Any = None  # mapped axis over which clipping and diagnostic norms are reduced
     need_xs: bool = True  # form the gradients of `xs`
@@ -115,8 +115,9 @@ def check_options(*, truncation=None, remat=None, clip_norm=None, clip_scope="ba
     layout.check_clip_scope(clip_scope)
     layout.check_time_axis(time_axis)
     v.check_argnums(argnums)
-    if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
-        raise ValueError(f"unroll must be a positive int (steps per loop iteration, as in lax.scan); got unroll={unroll!r}.")
+    if not isinstance(unroll, int) or (not isinstance(unroll, bool) and unroll < 0):
+        raise ValueError(f"unroll must be a positive int (steps per loop iteration), or as in lax.scan True or 0 for "
+                         f"the whole loop and False for 1; got unroll={unroll!r}.")
     for name, flag in (("has_aux", has_aux), ("diagnostics", diagnostics), ("check_finite", check_finite)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool; got {name}={flag!r}.")
@@ -124,11 +125,12 @@ def check_options(*, truncation=None, remat=None, clip_norm=None, clip_scope="ba
         v.check_callable("final_loss", final_loss)
 
 
-def resolve(length: int, *, truncation=None, clip_norm=None, remat=None, **static) -> Options:
+def resolve(length: int, *, truncation=None, clip_norm=None, remat=None, unroll=1, **static) -> Options:
     """The `Options` of a call on `length` steps; `static` are the other fields of `Options`."""
     clip = None if clip_norm is None else jnp.asarray(clip_norm)
+    unroll = True if unroll is True or (unroll == 0 and not isinstance(unroll, bool)) else max(int(unroll), 1)
     return Options(truncation=resolve_truncation(truncation, length), clip_norm=clip, remat=canonical_remat(remat),
-                   **static)
+                   unroll=unroll, **static)
 
 
 def invalid(opts: Options):

@@ -120,13 +120,14 @@ def surrogate_unroll(step, params, carry, xs, length: int, opts: Options, *, che
         c, y = step(params, _step_input(c, t, opts, perturbation), x)
         return c, y if head is None else head(y, target)
 
-    return lax.scan(body, carry, (jnp.arange(length) if indexed else None, xs, targets), unroll=opts.unroll)
+    return lax.scan(body, carry, (jnp.arange(length) if indexed else None, xs, targets), length=length,
+                    unroll=opts.unroll)
 
 
 def _williams_peng(step, params, carry, xs, length, opts: Options, perturbation):
     k1, k2 = opts.truncation.chunk, opts.truncation.window
     window = min(k2, length)
-    _, carries_in = lax.scan(lambda c, x: (step(params, c, x)[0], c), carry, xs)
+    _, carries_in = lax.scan(lambda c, x: (step(params, c, x)[0], c), carry, xs, length=length)
 
     def run_chunk(_, j):
         end = jnp.minimum((j + 1) * k1, length)

@@ -70,9 +70,9 @@ def assert_finite(tree, message: str, **fmt) -> None:
         checkify.check(jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves])), message, **fmt)
 
 
-def _run_block(kernel: Kernel, params, consts, carry, xs_block, unroll, check_from=None):
-    """The block's forward steps; with `check_from` (the block's first step), each step's carry and
-    output are checked finite."""
+def _run_block(kernel: Kernel, params, consts, carry, xs_block, length: int, unroll, check_from=None):
+    """The block's `length` forward steps; with `check_from` (the block's first step), each step's
+    carry and output are checked finite."""
     us = kernel.project(params, xs_block)
 
     def one_step(c, inputs):
@@ -83,7 +83,6 @@ def _run_block(kernel: Kernel, params, consts, carry, xs_block, unroll, check_fr
                           t=check_from + j)
         return c, (out, res)
 
-    length = jax.tree.leaves(us)[0].shape[0]
     carry, (outs, res) = lax.scan(one_step, carry, (jnp.arange(length), us), unroll=unroll)
     return carry, outs, res
 
@@ -128,7 +127,7 @@ def forward(kernel: Kernel, params, consts, carry, xs, plan: Plan, opts: "Option
 
         def block_fn(c, i, start=start, block=block):
             t0 = start + i * block
-            c_end, outs, res = _run_block(kernel, params, consts, c, slice_time(xs, t0, block), opts.unroll,
+            c_end, outs, res = _run_block(kernel, params, consts, c, slice_time(xs, t0, block), block, opts.unroll,
                                           t0 if opts.check_finite else None)
             ys = kernel.post(params, outs)
             if loss is None:
@@ -250,7 +249,7 @@ class _Backward(NamedTuple):
         kernel, params, consts = self.kernel, self.params, self.consts
         xs_block = slice_time(self.xs, t0, length)
         if stored is None:
-            _, outs, res = _run_block(kernel, params, consts, carry_start, xs_block, self.opts.unroll)
+            _, outs, res = _run_block(kernel, params, consts, carry_start, xs_block, length, self.opts.unroll)
         else:
             outs, res = stored
         if self.loss is None:
@@ -306,7 +305,8 @@ def _revolve(bwd: _Backward, plan: Plan, saved: Saved, slots, acc):
     snaps = jax.tree.map(lambda c: jnp.zeros((schedule.slots,) + c.shape, c.dtype).at[0].set(c), carry0)
 
     def advance(carry, t0, slots, acc, buffers):
-        carry, _, _ = _run_block(bwd.kernel, bwd.params, bwd.consts, carry, slice_time(bwd.xs, t0, unit), bwd.opts.unroll)
+        carry, _, _ = _run_block(bwd.kernel, bwd.params, bwd.consts, carry, slice_time(bwd.xs, t0, unit), unit,
+                                 bwd.opts.unroll)
         return carry, slots, acc, buffers
 
     def reverse(length):
