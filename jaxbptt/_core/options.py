@@ -23,20 +23,20 @@ from . import layout
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k"],
-                   meta_fields=["chunk_length", "window_length", "slots", "active"])
+                   meta_fields=["chunk_length", "window_length", "adjoints", "active"])
 @dataclasses.dataclass(frozen=True)
 class Truncation:
     """The truncation of one call, resolved for its sequence length.
 
     Chunked truncation (`truncation=k`) is the case `chunk == window`; Williams-Peng windows
-    (`truncation=(k1, k2)`) run `slots = ceil(k2 / k1)` carry adjoints at once. Exact BPTT, and any
+    (`truncation=(k1, k2)`) run `adjoints = ceil(k2 / k1)` carry adjoints at once. Exact BPTT, and any
     truncation that cuts nowhere on this length, is `active=False`.
     """
 
     k: Any = None  # a traced chunk length (clamped to T), else None
     chunk_length: Optional[int] = 1  # static k1 (None when `k` is traced)
     window_length: Optional[int] = 1  # static k2 (None when `k` is traced)
-    slots: int = 1  # carry adjoints alive at once in the reverse loop
+    adjoints: int = 1  # carry adjoints alive at once in the reverse loop
     active: bool = False
 
     @property

@@ -39,6 +39,8 @@ _MIN_BLOCKS = 8
 # 8-12 blocks instead of 20 (LSTM, T=100, B=64, H=32, 2 CPU cores: 0.79x autodiff's time against
 # 1.07x with 20 blocks, one interleaved run on a loaded machine).
 _BLOCK_ELEMENTS = 1 << 17
+# Binomial's default unit lets each unit be re-run at most this many times.
+_BINOMIAL_REPETITIONS = 2
 # A binomial schedule runs one unit per iteration of an int32-counted loop.
 _MOST_STEPS = 2**31 - 1
 
@@ -46,11 +48,16 @@ _MOST_STEPS = 2**31 - 1
 class Binomial(NamedTuple):
     """`remat=Binomial(slots)`: the optimal recomputation schedule for `slots` stored carries.
 
+    Memory: `slots` carries, plus one unit's residuals while it is reversed. The default unit
+    is as short as lets each unit be re-run at most twice (`ceil(T / C(slots + 2, 2))` steps, and
+    at most the engine's usual block), so memory falls as `slots` grows: about
+    `slots * carry + 2 T / slots**2 * residuals per step`.
+
     Attributes:
       slots: carries kept at once (the initial one included), >= 1.
       block: steps per unit of the schedule; each unit is reversed as one block (its residuals
-        recomputed, its parameter gradients as matrix products). None: the engine's block size.
-        `block=1` is the classic step-level schedule.
+        recomputed, its parameter gradients as matrix products). None: derived from `slots` and T
+        as above. `block=1` is the classic step-level schedule.
 
     Gradients, and their own derivatives (`jax.hessian`, grad of grad), equal those of
     `remat=None` up to float rounding, with every other option.
@@ -222,7 +229,10 @@ def make_plan(length: int, remat, rows_per_step: int, elements_per_step: int = 0
     if remat is None:
         return Plan(length, _groups(length, block), store=store is not False)
     if isinstance(remat, Binomial):
-        groups = _groups(length, remat.block or block)
+        # The binomial schedule reverses C(slots + r, r) units with each unit re-run at most r times:
+        # r = 2 keeps the re-runs at about two forward passes in all.
+        fitted = math.ceil(length / math.comb(remat.slots + _BINOMIAL_REPETITIONS, _BINOMIAL_REPETITIONS))
+        groups = _groups(length, remat.block or min(block, fitted))
         units = sum(count for _, _, count in groups)
         schedule = binomial_schedule(units, remat.slots, tail=len(groups) > 1)
         if schedule.steps > _MOST_STEPS:

@@ -187,7 +187,7 @@ def _expand(mask, leaf):
 def _adjoint_step(kernel, params, consts, out, prev_out, res, slots, ct_out, t, opts: "Options"):
     """One step of the reverse loop: slots hold the cotangents of carry_t, one per live window."""
     trunc, clip_norm, axis_name = opts.truncation, opts.clip_norm, opts.axis_name
-    m = trunc.slots
+    m = trunc.adjoints
     if m == 1:
         a = jax.tree.map(lambda s: s[0], slots)
         a_prev, local = kernel.backward(params, consts, out, prev_out, res, a, ct_out)
@@ -354,7 +354,7 @@ def backward(kernel: Kernel, params, consts, xs, saved: Saved, plan: Plan, opts:
       float32; `dcarry` holds float32 zeros for integer carry leaves.
     """
     trunc = opts.truncation
-    m = trunc.slots
+    m = trunc.adjoints
     last_own = ((plan.length - 1) // trunc.chunk) % m if m > 1 else 0
     slots = jax.tree.map(
         lambda c: jnp.zeros((m,) + c.shape, c.dtype).at[last_own].set(c), ct_final
