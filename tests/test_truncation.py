@@ -123,3 +123,15 @@ def test_truncated_unroll_under_grad(truncation):
     g = jax.jit(jax.grad(objective(jb.unroll), argnums=ARGNUMS))(params, carry, xs)
     ref = jax.grad(objective(jb.reference_unroll), argnums=ARGNUMS)(params, carry, xs)
     chex.assert_trees_all_close(g, ref, rtol=1e-10, atol=1e-13)
+
+
+def test_williams_peng_with_an_integer_carry_leaf_and_output():
+    """A step counter in the carry and the output (integer cotangents are float0) under (k1, k2)."""
+    def step(p, c, x):
+        h, n = c
+        h = jnp.tanh(x @ p + h)
+        return (h, n + 1), (h, n)
+
+    args = (0.1 * jnp.ones((3, 4)), (jnp.zeros((2, 4)), jnp.zeros((), jnp.int32)), jnp.ones((9, 2, 3)), jnp.ones((9, 2, 4)))
+    loss = lambda y, t: jnp.sum((y[0] - t) ** 2)
+    assert jb.check_grads(step, loss, *args, truncation=(2, 5)) < 1e-12

@@ -194,7 +194,9 @@ def _adjoint_step(kernel, params, consts, out, prev_out, res, slots, ct_out, t, 
         a_prev = jax.tree.map(lambda x: x[None], a_prev)
     else:
         own = jnp.arange(m) == (t // trunc.chunk) % m  # the errors at t belong to t's own chunk
-        ct_out_slots = jax.tree.map(lambda c: jnp.where(_expand(own, c[None]), c[None], 0).astype(c.dtype), ct_out)
+        ct_out_slots = jax.tree.map(
+            lambda c: jnp.broadcast_to(c, (m,) + c.shape) if c.dtype == jax.dtypes.float0  # an integer output's
+            else jnp.where(_expand(own, c[None]), c[None], 0).astype(c.dtype), ct_out)
         backward = jax.vmap(kernel.backward, in_axes=(None, None, None, None, None, 0, 0))
         a_prev, local_slots = backward(params, consts, out, prev_out, res, slots, ct_out_slots)
         local = jax.tree.map(lambda x: jnp.sum(x, axis=0), local_slots)
