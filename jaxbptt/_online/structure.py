@@ -2,7 +2,9 @@
 SnAp's sparsity pattern and its influence stored on that pattern, and UORO's independent examples.
 
 Both are read off Jacobians of the step at deterministic generic points (`generic`), evaluated
-concretely while tracing (`concrete`), so they cost nothing per call.
+concretely while tracing (`concrete`), so they cost nothing per call. The step is evaluated
+through `sparsity.structural`, so that an entry that vanishes at those points only because of the
+data there (a ReLU unit inactive, an embedding row not looked up) is still found.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from .sparsity import structural
 
 
 def generic(tree, seed, fill=0):
@@ -45,13 +49,14 @@ def concrete(name, fn):
 def pattern(flat_step, n: int, draws: int, theta, c, x):
     """SnAp's mask (|params| x |carry|, NumPy) and the carry Jacobian's pattern (|carry| x |carry|):
     the structural non-zeros of the influence after n steps from zero, `M_1 = pattern(I)`,
-    `M_{k+1} = M_1 | M_k pattern(D)^T`, with the Jacobians' patterns OR'ed over `draws` generic
-    points (params, carry and float inputs generic; flag and index inputs 0 and 1 in turn), so
-    piecewise-linear steps (ReLU) do not lose entries by chance. An input used as an index (an
-    embedding's token) should be one-hot for SnAp: the pattern sees the indices 0 and 1 only."""
+    `M_{k+1} = M_1 | M_k pattern(D)^T`. The Jacobians are those of the step's structural surrogate
+    (`sparsity.structural`: a ReLU, a `where`, an embedding lookup reach every input they can reach
+    at some point), OR'ed over `draws` generic points (params, carry and float inputs generic; flag
+    and index inputs 0 and 1 in turn) against an entry that vanishes at one point by chance."""
+    surrogate = structural(flat_step)
 
     def jacobians(d):
-        jac = jax.jacrev(lambda th, cc: flat_step(th, cc, generic(x, 3 * d + 2, d % 2))[0], argnums=(0, 1))
+        jac = jax.jacrev(lambda th, cc: surrogate(th, cc, generic(x, 3 * d + 2, d % 2))[0], argnums=(0, 1))
         immediate, carry_jac = jac(generic(theta, 3 * d), generic(c, 3 * d + 1))
         return immediate.T != 0, carry_jac != 0
 
@@ -140,8 +145,9 @@ def sparse_recursion(flat_step, step_and_loss, sp: Sparse):
 
 def examples(flat_step, carry, theta, c, x):
     """UORO's independent examples: the rows of the carry's leading axis (every leaf's, of one
-    size) when the step does not couple them (checked at a generic point with 2 log2(rows) forward
-    passes: rows whose index has bit b set, then clear, must not reach the others), else one.
+    size) when the step does not couple them (checked on its structural surrogate at a generic
+    point with 2 log2(rows) forward passes: rows whose index has bit b set, then clear, must not
+    reach the others), else one.
     Returns each flat carry entry's example and the number of examples."""
     leaves = jax.tree.leaves(carry)
     sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else 0 for leaf in leaves}
@@ -154,7 +160,7 @@ def examples(flat_step, carry, theta, c, x):
     bits = [(ids >> b) & 1 == side for b in range(int(rows - 1).bit_length()) for side in (0, 1)]
 
     def leaks():
-        f = lambda cc: flat_step(generic(theta, 0), cc, generic(x, 2))[0]
+        f = lambda cc: structural(flat_step)(generic(theta, 0), cc, generic(x, 2))[0]
         c_r = generic(c, 1)
         return [jnp.any(jnp.where(sel, 0, jax.jvp(f, (c_r,), (jnp.where(sel, 1, 0).astype(c.dtype),))[1]) != 0)
                 for sel in bits]
