@@ -254,7 +254,7 @@ def test_online_two_halves_equal_the_whole():
     method = jb.UORO()  # the path of every method, with the key folded by the step count
     step, loss_fn, params, carry, xs, targets = problem("elman", T, B=2, D=3, H=3)
     trainer = jb.online(step, loss_fn, optax.adam(0.01), method, update_every=2)
-    state = trainer.init(params, carry, key=jax.random.key(3))
+    state = trainer.init(params, carry, xs, key=jax.random.key(3))
     update = jax.jit(trainer.update)
     whole, losses = update(state, xs, targets)
     half, first = update(state, xs[:4], targets[:4])
@@ -269,7 +269,7 @@ def test_online_vmaps_over_seeds_and_learning_rates():
     trainer = jb.online(step, loss_fn, optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), jb.UORO(), update_every=4)
 
     def run(key, lr):
-        state = trainer.init(params, carry, key=key)
+        state = trainer.init(params, carry, xs, key=key)
         state = state._replace(opt_state=state.opt_state._replace(hyperparams={"learning_rate": lr}))
         return trainer.update(state, xs, targets)
 

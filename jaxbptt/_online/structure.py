@@ -119,18 +119,21 @@ def sparse_recursion(flat_step, step_and_loss, sp: Sparse):
     """SnAp's update `J_t = M * (D_t J_{t-1} + I_t)` on the pattern's entries only: for entry
     e = (p, j), `sum_{k in row p} D[j, k] J[p, k] + I[p, j]`, since J_{t-1} is zero off the
     pattern. Equals the masked dense update, for a pattern that holds the step's non-zeros.
-    Returns the recursion's `(init, advance)` over the pattern's entries."""
+    Returns the recursion's `(init, advance, contract)` over the pattern's entries."""
     nnz = sp.rows.size
     d_tangents = jnp.asarray(sp.d_colors[None] == np.arange(sp.d_colors.max(initial=0) + 1)[:, None])
     i_cotangents = jnp.asarray(sp.i_colors[None] == np.arange(sp.i_colors.max(initial=0) + 1)[:, None])
     d_at = (sp.d_colors[np.concatenate([sp.cols, [0]])[sp.same_row]], sp.cols[:, None])
     i_at = (sp.i_colors[sp.cols], sp.rows)
 
+    def contract(influence, g_c):
+        """g_c . J, summed into each entry's parameter."""
+        return jax.ops.segment_sum(g_c[sp.cols] * influence, sp.rows, sp.n_params)
+
     def advance(theta, influence, c, x, target, key):
         (new, loss), vjp = jax.vjp(step_and_loss(x, target), theta, c)
         g_theta, g_c = vjp((jnp.zeros_like(new), jnp.ones_like(loss)))
-        # dL_t/dcarry_{t-1} . J_{t-1}, summed into each entry's parameter
-        grad = g_theta + jax.ops.segment_sum(g_c[sp.cols] * influence, sp.rows, theta.size)
+        grad = g_theta + contract(influence, g_c)  # dL_t/dcarry_{t-1} . J_{t-1}
         # column sums of D and rows of I over each colour: no two members meet, so each sum is one entry
         carry_tangent = lambda t: jax.jvp(lambda cc: flat_step(theta, cc, x)[0], (c,), (t.astype(c.dtype),))[1]
         d_sums = jax.vmap(carry_tangent)(d_tangents)
@@ -140,7 +143,7 @@ def sparse_recursion(flat_step, step_and_loss, sp: Sparse):
         new_influence = (propagated + i_sums[i_at]).astype(influence.dtype)
         return new_influence, new, loss, grad.astype(theta.dtype)
 
-    return (lambda theta, c: jnp.zeros((nnz,), c.dtype)), advance
+    return (lambda theta, c: jnp.zeros((nnz,), c.dtype)), advance, contract
 
 
 def examples(flat_step, carry, theta, c, x):
