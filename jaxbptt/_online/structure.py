@@ -20,30 +20,31 @@ from .sparsity import structural
 
 def generic(tree, seed, fill=0):
     """Deterministic generic values in [-0.1, 0.1] shaped like `tree`'s float leaves (cosines of an
-    irrational stride, cheaper to compile than a random number generator); other leaves (flags,
-    indices) all `fill`. Small, so that no activation saturates: a saturated tanh has an exactly
-    zero derivative in float32, which would read as a structural zero."""
+    irrational stride, in NumPy: nothing to compile); other leaves (flags, indices) all `fill`.
+    Small, so that no activation saturates: a saturated tanh has an exactly zero derivative in
+    float32, which would read as a structural zero."""
     leaves, structure = jax.tree.flatten(tree)
     out = []
     for i, leaf in enumerate(leaves):
         shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
         if jnp.issubdtype(dtype, jnp.floating):
-            phase = jnp.arange(np.prod(shape, dtype=int), dtype=dtype).reshape(shape) * 0.6180339887
-            phase = phase + (seed * 7.31 + i * 1.37)
-            out.append(0.1 * jnp.cos(phase * 2.7182818))
+            phase = np.arange(np.prod(shape, dtype=int)).reshape(shape) * 0.6180339887 + (seed * 7.31 + i * 1.37)
+            out.append((0.1 * np.cos(phase * 2.7182818)).astype(dtype))
         else:
-            out.append(jnp.full(shape, fill, dtype))
+            out.append(np.full(shape, fill, dtype))
     return jax.tree.unflatten(structure, out)
 
 
-def concrete(name, fn):
-    """`fn()` as NumPy at trace time: the static structure the sparse layouts are built on."""
-    try:
-        with jax.ensure_compile_time_eval():
-            return jax.tree.map(np.asarray, fn())
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError) as e:
+def concrete(name, fn, *points):
+    """`jax.jit(fn)(*point)` as NumPy at trace time, for each tuple of arguments in `points`: the
+    static structure the sparse layouts are built on. One compiled program for all the points (op
+    by op, each of the Jacobians' many small operations would compile on its own); compiled ahead
+    of time, it runs at once even while an outer `jit` is tracing."""
+    if any(isinstance(value, jax.core.Tracer) for value in jax.make_jaxpr(fn)(*points[0]).consts):
         raise ValueError(f"{name} is found from the step at generic points at trace time, which needs a step that "
-                         "does not close over traced values (pass them in params or xs instead).") from e
+                         "does not close over traced values (pass them in params or xs instead).")
+    compiled = jax.jit(fn).lower(*points[0]).compile()
+    return [jax.tree.map(np.asarray, compiled(*point)) for point in points]
 
 
 def pattern(flat_step, n: int, draws: int, theta, c, x):
@@ -55,13 +56,13 @@ def pattern(flat_step, n: int, draws: int, theta, c, x):
     and index inputs 0 and 1 in turn) against an entry that vanishes at one point by chance."""
     surrogate = structural(flat_step)
 
-    def jacobians(d):
-        jac = jax.jacrev(lambda th, cc: surrogate(th, cc, generic(x, 3 * d + 2, d % 2))[0], argnums=(0, 1))
-        immediate, carry_jac = jac(generic(theta, 3 * d), generic(c, 3 * d + 1))
+    def jacobians(th, cc, xx):
+        immediate, carry_jac = jax.jacrev(lambda th, cc: surrogate(th, cc, xx)[0], argnums=(0, 1))(th, cc)
         return immediate.T != 0, carry_jac != 0
 
-    immediate, carry_pattern = concrete("SnAp's sparsity pattern", lambda: jax.tree.map(
-        lambda *a: jnp.any(jnp.stack(a), axis=0), *[jacobians(d) for d in range(draws)]))
+    points = [(generic(theta, 3 * d), generic(c, 3 * d + 1), generic(x, 3 * d + 2, d % 2)) for d in range(draws)]
+    found = concrete("SnAp's sparsity pattern", jacobians, *points)
+    immediate, carry_pattern = (np.any(np.stack(a), axis=0) for a in zip(*found))
     mask = immediate
     for _ in range(n - 1):
         mask = immediate | (mask.astype(np.int64) @ carry_pattern.T.astype(np.int64) > 0)
@@ -162,10 +163,10 @@ def examples(flat_step, carry, theta, c, x):
                                           jnp.shape(leaf)).ravel() for leaf in leaves]).astype(np.int32)
     bits = [(ids >> b) & 1 == side for b in range(int(rows - 1).bit_length()) for side in (0, 1)]
 
-    def leaks():
-        f = lambda cc: structural(flat_step)(generic(theta, 0), cc, generic(x, 2))[0]
-        c_r = generic(c, 1)
-        return [jnp.any(jnp.where(sel, 0, jax.jvp(f, (c_r,), (jnp.where(sel, 1, 0).astype(c.dtype),))[1]) != 0)
+    def leaks(th, cc, xx):
+        f = lambda cc: structural(flat_step)(th, cc, xx)[0]
+        return [jnp.any(jnp.where(sel, 0, jax.jvp(f, (cc,), (jnp.where(sel, 1, 0).astype(c.dtype),))[1]) != 0)
                 for sel in bits]
 
-    return one if any(concrete("UORO's examples", leaks)) else (ids, rows)
+    [found] = concrete("UORO's examples", leaks, (generic(theta, 0), generic(c, 1), generic(x, 2)))
+    return one if any(found) else (ids, rows)
