@@ -21,7 +21,7 @@ jax.config.update("jax_enable_x64", True)  # for the float64 oracle; benchmark d
 
 from ._harness import device_name, matmul_peak_gflops, measure  # noqa: E402
 from ._methods import METHODS  # noqa: E402
-from ._problems import OUTPUT_SIZE, make_problem  # noqa: E402
+from ._problems import OUTPUT_SIZE, USER_STEPS, make_problem  # noqa: E402
 from ._suites import SUITE_EXTRAS, SUITES, smoke_configs  # noqa: E402
 
 
@@ -128,7 +128,8 @@ def summarize(rows, baseline):
                                time_ratio=r["time_ms"] / base["time_ms"], memory_ratio=mem))
     aggregate = {}
     for name in dict.fromkeys(r["method"] for r in ratios):
-        for group, keep in (("built-in cells", lambda r: r["cell"] != "custom"), ("custom step", lambda r: r["cell"] == "custom")):
+        for group, keep in (("built-in cells", lambda r: r["cell"] not in USER_STEPS),
+                            ("user steps", lambda r: r["cell"] in USER_STEPS)):
             chosen = [r for r in ratios if r["method"] == name and keep(r)]
             if chosen:
                 times = [r["time_ratio"] for r in chosen]
@@ -165,6 +166,38 @@ def _print_exact_bptt_summary(report) -> None:
         print("\n== exact BPTT, all sections: jaxbptt / jax.grad through lax.scan")
         _print_aggregate(aggregate)
         report["exact_bptt"] = {"ratios": ratios, "summary": aggregate}
+
+
+def _against_the_faster(rows) -> list[dict]:
+    """Per configuration timed with jax.grad, jax.checkpoint and jaxbptt: jaxbptt's time against the
+    faster of the two autodiff baselines, its memory against jax.grad's, and whether the checkpointed
+    scan dominates it (both faster and at least 2x leaner)."""
+    by_config = {}
+    for r in rows:
+        by_config.setdefault((r["cell"], r["T"], r["B"], r["D"], r["H"]), {})[r["method"]] = r
+    out = []
+    for config, m in by_config.items():
+        if not {"jax.grad", "jax.checkpoint", "jaxbptt"} <= m.keys():
+            continue
+        grad, ckpt, ours = m["jax.grad"], m["jax.checkpoint"], m["jaxbptt"]
+        out.append(dict(zip(("cell", "T", "B", "D", "H"), config),
+                        vs_faster=ours["time_ms"] / min(grad["time_ms"], ckpt["time_ms"]),
+                        vs_grad=ours["time_ms"] / grad["time_ms"],
+                        memory=ours["temp_bytes"] / grad["temp_bytes"] if ours["temp_bytes"] and grad["temp_bytes"]
+                        else None,
+                        dominated=bool(ckpt["time_ms"] < ours["time_ms"] and ckpt["temp_bytes"] is not None
+                                       and ours["temp_bytes"] is not None
+                                       and 2 * ckpt["temp_bytes"] <= ours["temp_bytes"])))
+    if out:
+        print("\njaxbptt against the faster of jax.grad and jax.checkpoint (time), and jax.grad (memory):")
+        for r in out:
+            print(f"{r['cell']:9s} {r['T']:6d} {r['B']:4d} {r['D']:5d} {r['H']:5d}  time vs faster {r['vs_faster']:5.2f}"
+                  f"  vs jax.grad {r['vs_grad']:5.2f}  memory {_fmt(r['memory'], '5.2f')}"
+                  + ("  DOMINATED by jax.checkpoint" if r["dominated"] else ""))
+        print(f"  median time vs jax.grad {statistics.median(r['vs_grad'] for r in out):.2f}, max time vs the faster "
+              f"{max(r['vs_faster'] for r in out):.2f}, max memory {max((r['memory'] or 0) for r in out):.2f}, "
+              f"dominated {sum(r['dominated'] for r in out)} of {len(out)}")
+    return out
 
 
 def _best_unroll(rows) -> list[str]:
@@ -244,9 +277,10 @@ def main(argv=None):
         best = _best_unroll(rows)
         for line in best:
             print(line)
+        faster = _against_the_faster(rows)
         report["sections"].append({"name": section.name, "baseline": section.baseline, "rows": rows,
                                    "ratios": ratios, "summary": aggregate, "skipped": skipped,
-                                   "best_unroll": best})
+                                   "best_unroll": best, "against_the_faster": faster})
     bar.close()
     _print_exact_bptt_summary(report)
     if not (args.cell or args.size or args.method):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._methods import Bound, oracle
-from ._problems import OUTPUT_SIZE, Problem
+from ._problems import Problem, step_flop
 
 
 def device_name() -> str:
@@ -39,11 +39,9 @@ def matmul_peak_gflops(n: int | None = None) -> float:
 
 
 def model_gflop(problem: Problem) -> float:
-    """Matrix-product GFLOP of one training step (forward, then two products per forward one)."""
-    gates = {"elman": 1, "lstm": 4, "gru": 3}.get(problem.cell)
-    B, D, H, O = problem.B, problem.D, problem.H, OUTPUT_SIZE
-    per_step = (D + H) * gates * H if gates else (D + H) * H + 2 * H * H  # custom: two layers
-    return 3 * 2 * problem.T * B * (per_step + H * O) / 1e9
+    """Matrix-product GFLOP of one training step (forward, then two products per forward one), from
+    the model's own step."""
+    return 3 * problem.T * step_flop(problem) / 1e9
 
 
 def _time(fn) -> float:

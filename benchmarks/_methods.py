@@ -55,7 +55,7 @@ def oracle(problem: Problem) -> Callable:
     def grads():
         if "g" not in cache:
             p = as_float64(problem)
-            cache["g"] = jax.jit(autodiff(p.step))(*problem_args(p))[1]
+            cache["g"] = jax.jit(autodiff(p.step, p.loss))(*problem_args(p))[1]
         return cache["g"]
 
     return grads
@@ -63,7 +63,7 @@ def oracle(problem: Problem) -> Callable:
 
 def _jaxbptt(exact: bool = True, **options) -> Callable:
     def build(problem: Problem, reference) -> Bound:
-        f = jb.value_and_grad(problem.step, mse, **options)
+        f = jb.value_and_grad(problem.step, problem.loss, **options)
 
         def run(*args):
             (loss, *_), grads = f(*args)  # (loss, final_carry) or, with diagnostics, (loss, final_carry, diag)
@@ -77,7 +77,7 @@ def _jaxbptt(exact: bool = True, **options) -> Callable:
 def _autodiff(checkpoint: bool = False) -> Callable:
     def build(problem: Problem, reference) -> Bound:
         step = jax.checkpoint(problem.step) if checkpoint else problem.step
-        return Bound(autodiff(step), problem_args(problem), oracle=reference)
+        return Bound(autodiff(step, problem.loss), problem_args(problem), oracle=reference)
 
     return build
 

@@ -20,11 +20,18 @@ COMBINATOR_SIZES = [(500, 16, 64, 256), (100, 32, 64, 128)]  # also core sizes: 
 PEER_SIZES = [(1000, 16, 64, 256), (1000, 1, 32, 64)]  # in the peers section, which also runs both methods
 CORE = Section(
     "core", [(cell, *size) for cell in ("elman", "lstm", "gru") for size in CORE_SIZES if size not in PEER_SIZES]
-    + [("custom", *size) for size in CUSTOM_SIZES]
     + [(f"{kind}-{cell}", *size) for kind in ("masked", "stacked2") for cell in ("elman", "lstm", "gru")
        for size in COMBINATOR_SIZES],
     ("jax.grad", "jaxbptt"), "jax.grad",
     "exact BPTT: jaxbptt against jax.grad through lax.scan of the same step and loss",
+)
+USER = Section(
+    "user steps", [("hypergrad", 100, 32, 8, 16), ("hypergrad", 1000, 32, 8, 16), ("leaky", 2000, 4, 8, 32),
+                   ("leaky", 20000, 4, 8, 32), ("lngru", 100, 32, 16, 64)] + [("custom", *size) for size in CUSTOM_SIZES],
+    ("jax.grad", "jax.checkpoint", "jaxbptt"), "jax.grad",
+    "steps written by hand, the default call (engine='auto'): a hypergradient step (one SGD step of an MLP with "
+    "an inner jax.grad, B=32, D=8, H=16), a leaky integrator, a layer-normed GRU, the two-layer tanh step; "
+    "beside jax.grad through lax.scan and lax.scan over jax.checkpoint(step)",
 )
 PEER_METHODS = ("jax.grad", "jaxbptt", "jax.checkpoint", "flax", "equinox", "torch")
 PEERS = Section(
@@ -55,7 +62,7 @@ POLICIES = Section(
     "every memory policy from 10^3 to 10^5 steps (Binomial(16): at most 16 carries kept)",
 )
 QUICK = Section(
-    "quick", [(cell, 100, 8, 16, 32) for cell in ("elman", "lstm", "gru", "custom")],
+    "quick", [(cell, 100, 8, 16, 32) for cell in ("elman", "lstm", "gru", "custom", "leaky", "hypergrad")],
     ("jax.grad", "jaxbptt", "jax.checkpoint", "flax", "equinox", "torch", "k=10", "remat=sqrt"), "jax.grad",
     "smoke run: every method on small problems",
 )
@@ -79,7 +86,7 @@ GPU = Section(
 ONLINE_METHOD_CONFIGS = [("elman", 100, 4, 8, H) for H in (8, 16, 32)] + [("gru", 100, 4, 8, 16)]
 ONLINE_METHOD_TINY = [("elman", 10, 2, 4, 4)]
 
-SUITES = {"default": [CORE, PEERS, OPTIONS, PRECISION, GRID], "grid": [GRID], "quick": [QUICK], "memory": [MEMORY, POLICIES], "gpu": [GPU],
+SUITES = {"default": [CORE, USER, PEERS, OPTIONS, PRECISION, GRID], "user": [USER], "grid": [GRID], "quick": [QUICK], "memory": [MEMORY, POLICIES], "gpu": [GPU],
           # no sections, their own tables: _online_methods.py, _parallel_time.py, _sharded_sweep.py
           "online": [], "parallel": [], "sharded-sweep": []}
 

@@ -54,7 +54,8 @@ def toy_loss(x):
 
 def schedule_problem(T: int = 100):
     """The toy as a jaxbptt step: params theta (2,), carry the inner iterate x (2,), input the step
-    index t; y is f after the step, the per-step loss y itself."""
+    index t; y is f after the step, the per-step loss y itself (it reads no target). Returns
+    (step, loss_fn, x0, ts, targets)."""
     toy_grad = jax.grad(toy_loss)
 
     def step(theta, x, t):
@@ -62,12 +63,13 @@ def schedule_problem(T: int = 100):
         x = x - lr * toy_grad(x)
         return x, toy_loss(x)
 
-    return step, (lambda y, target: y), jnp.ones(2, jnp.float32), jnp.arange(T, dtype=jnp.float32)
+    ts = jnp.arange(T, dtype=jnp.float32)
+    return step, (lambda y, target: y), jnp.ones(2, jnp.float32), ts, jnp.zeros_like(ts)
 
 
 def schedule_objective(theta, T: int = 100):
     """The whole unroll's meta-objective: the sum of f over the T steps."""
-    step, _, x0, ts = schedule_problem(T)
+    step, _, x0, ts, _ = schedule_problem(T)
     theta = jnp.asarray(theta, x0.dtype)
     return jnp.sum(lax.scan(lambda x, t: step(theta, x, t), x0, ts)[1])
 
@@ -84,7 +86,7 @@ def schedule_experiment(episodes: int = 2000, T: int = 100, K: int = 10, methods
     """Each method meta-trains theta online (an Adam step every K inner steps; once per episode
     for ES over the whole episode), an episode of T steps after another (`reset` between them);
     the trajectory of theta, one point per episode."""
-    step, loss_fn, x0, ts = schedule_problem(T)
+    step, loss_fn, x0, ts, targets = schedule_problem(T)
     outer = optax.adam(1e-2, b1=0.99, b2=0.999)
     rows = []
     for name in methods:
@@ -96,7 +98,7 @@ def schedule_experiment(episodes: int = 2000, T: int = 100, K: int = 10, methods
         trainer = jb.online(step, loss_fn, outer, method, update_every=every)
 
         def episode(state, _):
-            state, losses = trainer.update(state, ts)
+            state, losses = trainer.update(state, ts, targets)
             return trainer.reset(state, x0), state.params
 
         start = time.perf_counter()

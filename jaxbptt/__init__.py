@@ -7,6 +7,8 @@ BPTT, per-step clipping, gradient-flow diagnostics and memory policies, each che
 """
 
 from ._core.api import value_and_grad as value_and_grad
+from ._core.methods import Autodiff as Autodiff
+from ._core.methods import ReverseScan as ReverseScan
 from ._cells.bidirectional import bidirectional as bidirectional
 from ._cells.rnn import Cell as Cell
 from ._cells.rnn import LSTMState as LSTMState
@@ -48,15 +50,15 @@ from ._core.reference import check_grads as check_grads
 from ._engine.remat import Binomial as Binomial
 from ._engine.remat import Every as Every
 from ._engine.remat import Sqrt as Sqrt
-from ._core.reference import clip_identity as clip_identity
+from ._core.surrogates import clip_identity as clip_identity
 from ._core.reference import reference_unroll as reference_unroll
 from ._core.reference import reference_value_and_grad as reference_value_and_grad
 from ._engine.reverse import Diagnostics as Diagnostics
 from ._parallel.sweep import sharded_sweep as sharded_sweep
 from ._training import make_train_step as make_train_step
 from ._training import train_loop as train_loop
-from ._core.unroll import diagnostics_probe as diagnostics_probe
-from ._core.unroll import unroll as unroll
+from ._core.api import diagnostics_probe as diagnostics_probe
+from ._core.api import unroll as unroll
 
 from . import adapters
 from . import tasks
@@ -65,6 +67,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "adapters",
+    "Autodiff",
     "Binomial",
     "Cell",
     "DeerInfo",
@@ -80,6 +83,7 @@ __all__ = [
     "OnlineTBPTT",
     "PES",
     "RTRL",
+    "ReverseScan",
     "SnAp",
     "Sqrt",
     "Step",

@@ -9,6 +9,7 @@ import jax
 import optax
 from jax import lax
 
+from . import _validate as v
 from ._core.api import value_and_grad
 from ._types import LossFn, PyTree, StepFn
 
@@ -90,6 +91,12 @@ def train_loop(train_step: Callable, batch_fn: Callable, iterations: int, *, eva
       with `"eval"` (stacked over the iterations // eval_every evaluations) and the train step's
       `"diag"` / `"aux"` (stacked over iterations). The losses are the same with or without `eval_fn`.
 
+    Raises:
+      ValueError: `iterations` or `eval_every` out of range.
+      TypeError: `eval_every` without `eval_fn`; `batch_fn` not callable, or (when `run` is traced)
+        returning anything but a tuple `(carry, xs, targets)`. An error of `train_step` on the batch
+        that `batch_fn` returns is raised again, naming `batch_fn` and what it returned.
+
     Examples:
       >>> import jax, optax, jaxbptt as jb
       >>> model = jb.with_readout(jb.gru(8), 1)
@@ -129,13 +136,13 @@ def train_loop(train_step: Callable, batch_fn: Callable, iterations: int, *, eva
         if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1 or iterations % eval_every:
             raise ValueError(f"eval_every must be a positive int dividing iterations={iterations}; got "
                              f"eval_every={eval_every!r}.")
+    v.check_callable("batch_fn", batch_fn)
     every = eval_every or iterations
 
     def run(params: PyTree, opt_state: PyTree, key: jax.Array):
         def one(state, key):
             params, opt_state = state
-            carry, xs, targets = batch_fn(key)
-            params, opt_state, loss, _, *extras = train_step(params, opt_state, carry, xs, targets)
+            params, opt_state, loss, _, *extras = _train_on_batch(train_step, batch_fn, params, opt_state, key)
             return (params, opt_state), (loss, extras[0] if extras else {})
 
         def evaluation_period(state, keys):
@@ -151,3 +158,26 @@ def train_loop(train_step: Callable, batch_fn: Callable, iterations: int, *, eva
         return (params, opt_state, losses) + ((history,) if history else ())
 
     return run
+
+
+_BATCH = ("batch_fn(key) must return a tuple (carry, xs, targets): the initial carry, then the time-major inputs "
+          "and targets of one batch, as train_step takes them")
+
+
+def _train_on_batch(train_step: Callable, batch_fn: Callable, params: PyTree, opt_state: PyTree, key: jax.Array):
+    """One training step on `batch_fn(key)`, with errors that name `batch_fn` and what it returned."""
+    batch = batch_fn(key)
+    if not isinstance(batch, (tuple, list)) or len(batch) != 3:
+        if isinstance(batch, (tuple, list)):
+            what = f"a {type(batch).__name__} of {len(batch)} entries"
+        else:
+            what = "an array" if hasattr(batch, "shape") else f"a {type(batch).__name__}"
+        raise TypeError(f"{_BATCH}; got {what}, {v.describe(batch)}.")
+    try:
+        return train_step(params, opt_state, *batch)
+    except (TypeError, ValueError) as err:
+        # The batch is the likeliest culprit (a wrong order, a batch-major layout, mismatched lengths),
+        # and the error from inside the gradient names train_step's arguments, not where they came from.
+        kind = TypeError if isinstance(err, TypeError) else ValueError
+        raise kind(f"train_step failed on the batch from batch_fn, (carry, xs, targets) = {v.describe(tuple(batch))} "
+                   f"({_BATCH}): {err}") from err

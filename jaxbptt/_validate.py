@@ -104,13 +104,12 @@ def check_carry(step: Callable, params: PyTree, carry: PyTree, xs: PyTree) -> Py
     return jax.tree.unflatten(in_struct, fixed)
 
 
-def check_loss(loss_fn: Callable, y: PyTree, target: PyTree) -> None:
-    out = jax.eval_shape(loss_fn, y, target)
+def check_loss(loss_fn: Callable, *args, call: str = "loss_fn(y_t, target_t)", what: str = "the loss of one step"):
+    """`loss_fn(*args)` must be a float scalar; returns its abstract value."""
+    out = jax.eval_shape(loss_fn, *args)
     if not hasattr(out, "shape") or out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
-        raise ValueError(
-            "loss_fn(y_t, target_t) must return a float scalar (the loss of one step); got "
-            f"{jax.tree.map(_aval, out)}."
-        )
+        raise ValueError(f"{call} must return a float scalar ({what}); got {jax.tree.map(_aval, out)}.")
+    return out
 
 
 def check_truncation(truncation) -> None:
@@ -187,3 +186,16 @@ def check_differentiable(name: str, tree: PyTree) -> None:
                 f"cannot differentiate with respect to {name}: {_path(name, keypath)} has dtype "
                 f"{jnp.result_type(leaf).name}, not a float dtype. Drop it from argnums or make it a float."
             )
+
+
+class _Written(str):
+    """A string that `repr` writes as it is (an array leaf's `dtype[shape]` inside a container's repr)."""
+
+    __repr__ = str.__str__
+
+
+def describe(tree: PyTree) -> str:
+    """`tree` for an error message: its containers as Python writes them, each array as `dtype[shape]`,
+    e.g. `(float32[12,8,2], Targets(value=float32[12,8,1], weight=float32[12,8,1]))`."""
+    written = jax.tree.map(lambda a: _Written(_aval(a)) if hasattr(a, "shape") and hasattr(a, "dtype") else a, tree)
+    return repr(written)

@@ -11,6 +11,7 @@ os.environ["XLA_FLAGS"] = " ".join(
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Run only in their own processes (test_sharding.py, test_multiprocess.py and test_benchmarks.py start
 # them, the first two with several host devices); doctest collection would import them here.
@@ -25,6 +26,11 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.05)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Property tests are derandomised (no database, no deadline), so runs repeat.
+settings.register_profile("jaxbptt", derandomize=True, database=None, deadline=None, max_examples=6,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("jaxbptt")
 
 
 @pytest.fixture(autouse=True)

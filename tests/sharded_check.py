@@ -22,6 +22,11 @@ mesh = jax.make_mesh((8,), ("data",))
 # axes make every reshape of a split axis name its output sharding)
 auto_mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
+# a sweep's results are ordinary arrays: indexed, sliced and reshaped (not refused as explicitly sharded)
+sweep = jb.sharded_sweep(lambda lr, w: w - lr * 2 * w, in_axes=(0, None))(jnp.arange(8.0), jnp.float64(1.0))
+chex.assert_trees_all_close((sweep[0], sweep[2:4], sweep.reshape(2, 4)),
+                            (1.0, 1 - 2 * jnp.arange(2.0, 4.0), (1 - 2 * jnp.arange(8.0)).reshape(2, 4)), rtol=1e-12)
+
 # a generic step and a hand-written kernel, each with options (tests/test_multiprocess.py splits an LSTM)
 for name, options in [("two_layer", dict(truncation=(3, 7), clip_norm=0.05)),
                       ("gru", dict(remat=4, clip_norm=0.02, diagnostics=True))]:

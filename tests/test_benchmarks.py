@@ -10,8 +10,11 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
+from benchmarks._harness import model_gflop
+from benchmarks._problems import MODELS, OUTPUT_SIZE, Problem, make_problem
 from benchmarks._suites import SUITE_EXTRAS, SUITES, smoke_configs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -72,3 +75,22 @@ def check_report(suite, report, stdout):
         assert report[name], name
     assert all(f"Ratios to {s.baseline}" in stdout for s in SUITES[suite])
 
+
+
+def test_each_model_has_its_own_flop_count():
+    """The FLOP rate and peak fraction of a row count its own model's matrix products: a mask adds
+    none, a second layer its own (the problems' arrays are abstract: nothing is computed)."""
+    T, B, D, H, O = 4, 2, 3, 5, OUTPUT_SIZE
+
+    def gflop(name):
+        with jax.numpy_rank_promotion("allow"):  # the benchmarks' own step broadcasts its biases
+            arrays = jax.eval_shape(lambda: make_problem(name, T, B, D, H)[6:])  # params, carry, xs, targets
+            return model_gflop(Problem(name, T, B, D, H, MODELS[name](H).step, *arrays))
+
+    per_step = lambda flop: 3 * T * B * 2 * flop / 1e9  # forward and backward, over T steps of B rows
+    for name, gates in {"elman": 1, "lstm": 4, "gru": 3}.items():
+        layer = (D + H) * gates * H
+        assert gflop(name) == pytest.approx(per_step(layer + H * O))
+        assert gflop(f"masked-{name}") == pytest.approx(per_step(layer + H * O))
+        assert gflop(f"stacked2-{name}") == pytest.approx(per_step(layer + 2 * H * gates * H + H * O))
+    assert gflop("custom") == pytest.approx(per_step((D + H) * H + 2 * H * H + H * O))

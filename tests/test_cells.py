@@ -48,6 +48,8 @@ def test_lstm_forget_bias():
     b = jb.lstm(5, forget_bias=2.5).init(jax.random.key(0), 3)["b"]
     np.testing.assert_array_equal(b[5:10], 2.5)
     np.testing.assert_array_equal(jnp.concatenate([b[:5], b[10:]]), 0.0)
+    with pytest.raises(TypeError, match=r"forget_bias must be a real number .*; got forget_bias='x' of type str"):
+        jb.lstm(4, forget_bias="x")
 
 
 @pytest.mark.parametrize("name", CELLS)
@@ -95,3 +97,9 @@ def test_readout_over_a_user_cell():
     err = jb.check_grads(model.step, lambda y, t: jnp.sum((y - t) ** 2), params, model.initial_carry((2,), jnp.float64),
                          xs, targets, argnums=(0, 1, 2), rtol=1e-10)
     assert err < 1e-10
+    with pytest.raises(TypeError, match=r"with_readout needs a Cell as cell .*; got 'notacell' of type str"):
+        jb.with_readout("notacell", 2)
+    without_readout = {k: v for k, v in params.items() if k != "W_hy"}
+    with pytest.raises(TypeError, match=r"params must be the with_readout cell's params .* keys \['W_hy', 'b_y', "
+                                        r"'cell'\]; got keys \['b_y', 'cell'\]"):
+        jb.unroll(model.step, without_readout, model.initial_carry((2,), jnp.float64), xs)

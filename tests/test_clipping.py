@@ -126,3 +126,30 @@ def test_bad_probe():
     step, _, params, carry, xs, _ = problem("elman", T=9)
     with pytest.raises(ValueError, match=r"probe must be jaxbptt.diagnostics_probe\(9\)"):
         jb.unroll(step, params, carry, xs, probe=jb.diagnostics_probe(8))
+
+
+@pytest.mark.parametrize("engine", ["reverse", "autodiff"])
+def test_example_scope_clips_cotangents_beyond_the_float32_range(engine):
+    """Per-example norms are scaled like the global one: a cotangent of 1e21 (its square overflows
+    float32) clips to norm 1 per row, not to 0."""
+    step = lambda q, h, x: (h + q * x, h + q * x)
+    targets = jnp.zeros((4, 2, 3), jnp.float32).at[-1].set(1e21)
+    f = jb.value_and_grad(step, lambda y, t: jnp.sum(y * t), argnums=1, clip_norm=1.0, clip_scope="example",
+                          engine=engine)
+    _, dcarry = f(jnp.float32(0.5), jnp.zeros((2, 3), jnp.float32), jnp.ones((4, 2, 3), jnp.float32), targets)
+    np.testing.assert_allclose(jnp.linalg.norm(dcarry, axis=1), [1.0, 1.0], rtol=1e-5)
+
+
+def test_example_scope_on_a_complex_carry():
+    """An LRU's complex carry is clipped per example by its modulus, on every method."""
+    import oracle
+
+    cell = jb.lru(4)
+    params = cell.init(jax.random.key(0), 3, jnp.float64)
+    xs, targets = jax.random.normal(jax.random.key(1), (7, 2, 3)), jax.random.normal(jax.random.key(2), (7, 2, 3))
+    loss_fn = lambda y, t: jnp.sum((y - t) ** 2)
+    ref = oracle.value_and_grad(cell.step, loss_fn, params, cell.initial_carry((2,), jnp.float64), xs, targets,
+                                clip_norm=0.3, clip_scope="example")[1][0]
+    for engine in ("reverse", "autodiff"):
+        f = jb.value_and_grad(cell.step, loss_fn, clip_norm=0.3, clip_scope="example", engine=engine)
+        chex.assert_trees_all_close(f(params, cell.initial_carry((2,), jnp.float64), xs, targets)[1], ref, rtol=1e-10)

@@ -92,8 +92,20 @@ def test_bad_input():
         jb.unroll(jb.masked(step), params, carry, (xs, jnp.ones((5, 2), bool)))
     with pytest.raises(ValueError, match=r"every leaf of xs must share the leading \(time\) axis length"):
         jb.unroll(jb.masked(step), params, carry, (xs, jnp.ones((4, 3), bool)))
+    with pytest.raises(TypeError, match=r"masked\(step\) takes at each step the pair \(x, mask\).* pass xs = "
+                                        r"\(xs, mask\) .*; got the step input float64\[3,4\]"):
+        jb.unroll(jb.masked(step), params, carry, xs)
     with pytest.raises(TypeError, match="reset must be a bool array"):
         jb.unroll(jb.resettable(step, 0.0), params, carry, (xs, jnp.zeros((5, 3))))
+    resets = jnp.zeros((5, 3), bool)
+    with pytest.raises(TypeError, match=r"resettable\(step\) takes at each step the pair \(x, reset\)"):
+        jb.unroll(jb.resettable(step, 0.0), params, carry, xs)
+    with pytest.raises(TypeError, match=r"initial_carry must have the carry's pytree structure; initial_carry is "
+                                        r"\(float64\[5\], 0.0\) but the carry is float64\[3,5\]"):
+        jb.unroll(jb.resettable(step, (jnp.zeros(5), 0.0)), params, carry, (xs, resets))
+    with pytest.raises(ValueError, match=r"initial_carry has shape \(4,\), which does not broadcast to the carry's "
+                                         r"shape \(3, 5\)"):
+        jb.unroll(jb.resettable(step, jnp.zeros(4)), params, carry, (xs, resets))
     with pytest.raises(ValueError, match=r"stacked with 2 layers needs params as a tuple of 2 entries, one per layer; got tuple of length 1"):
         jb.unroll(jb.stacked(step, step), (params,), (carry, carry), xs)
     with pytest.raises(ValueError, match=r"residual=True\): layer 1 output .* does not match its input"):

@@ -51,6 +51,10 @@ def test_embedding_ids_equal_one_hot_and_generate():
     _, by_id = jb.unroll(model.step, params, carry, ids)
     _, by_one_hot = jb.unroll(model.step, params, carry, jax.nn.one_hot(ids, 7, dtype=jnp.float64))
     np.testing.assert_allclose(by_id, by_one_hot, rtol=1e-12)
+    # ids outside [0, vocab) are clamped into it, not read as NaN
+    wild = ids.at[0, 0].set(-3).at[4, 1].set(7).at[8, 0].set(100)
+    _, by_wild_id = jb.unroll(model.step, params, carry, wild)
+    np.testing.assert_allclose(by_wild_id, jb.unroll(model.step, params, carry, jnp.clip(wild, 0, 6))[1], rtol=1e-12)
     ce = lambda logits, t: -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), t[..., None], -1))
     assert jb.check_grads(model.step, ce, params, carry, ids, jnp.roll(ids, -1, 0), truncation=(2, 5), rtol=1e-10) < 1e-10
     greedy = jb.generate(model.step, params, carry, ids[:3], 6)

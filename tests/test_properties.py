@@ -4,14 +4,10 @@ reverse scan equals the autodiff oracle. Derandomised (no database, no deadline)
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import jaxbptt as jb
 from steps import problem
-
-settings.register_profile("jaxbptt", derandomize=True, database=None, deadline=None, max_examples=6,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile("jaxbptt")
 
 
 @st.composite

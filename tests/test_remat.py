@@ -164,5 +164,5 @@ def test_policy_values_equal_their_spellings():
 
     assert make_plan(100, jb.Every(7), 4) == make_plan(100, 7, 4)
     assert make_plan(100, jb.Sqrt(), 4) == make_plan(100, "sqrt", 4)
-    with pytest.raises(ValueError, match="remat must be a positive int"):
+    with pytest.raises(ValueError, match=r"remat must be a positive int or jaxbptt.Every\(steps\)"):
         make_plan(100, jb.Every(0), 4)

@@ -159,3 +159,11 @@ def test_train_loop_evaluates_and_stacks_metrics():
         jb.train_loop(step, batch, 6, eval_fn=evaluate, eval_every=4)
     with pytest.raises(TypeError, match="eval_every needs eval_fn"):
         jb.train_loop(step, batch, 6, eval_every=3)
+    # a batch_fn that returns the wrong tuple: the error names batch_fn, what it returned and what it must
+    run_on = lambda batch_fn: jb.train_loop(step, batch_fn, 2)(params, opt.init(params), jax.random.key(0))
+    with pytest.raises(TypeError, match=r"batch_fn\(key\) must return a tuple \(carry, xs, targets\).* got a tuple of 2 "
+                                        r"entries, \(float64\[12,16,2\], Targets\(value=float64\[12,16,1\]"):
+        run_on(lambda key: tasks.adding(key, 16, 12, jnp.float64))
+    with pytest.raises(ValueError, match=r"train_step failed on the batch from batch_fn, \(carry, xs, targets\) = "
+                                         r"\(float64\[12,16,2\], .*, float64\[16,8\]\) .*targets must have the same"):
+        run_on(lambda key: (*tasks.adding(key, 16, 12, jnp.float64), carry))

@@ -170,18 +170,17 @@ def test_final_loss_gradients_and_unbiased_estimators():
 
 
 def test_no_per_step_loss_no_targets_no_outputs():
-    """loss_fn=None with a step returning y=None, targets None; a loss_fn that reads no target;
-    zero steps; TBPTT through `unroll`."""
+    """loss_fn=None with a step returning y=None, targets None; zero steps; TBPTT with a final loss
+    and no per-step loss."""
     silent = lambda p, h, x: (linear_step(p, h, x)[0], None)
     (loss_ref, _), grads_ref = scan_value_and_grad(linear_step, lambda y, t: 0.0 * jnp.sum(y), energy)
     for method in [jb.RTRL(), jb.TBPTT(T, T)]:
         (loss, _), grads = jax.jit(jb.online_grad(silent, None, method, final_loss=energy))(PARAMS, CARRY, XS)
         np.testing.assert_allclose(loss, loss_ref, rtol=1e-12)
         np.testing.assert_allclose(flat(grads), flat(grads_ref), rtol=1e-10, err_msg=repr(method))
-    # a per-step loss without targets: each step's target is None
-    (loss, _), grads = jb.online_grad(linear_step, lambda y, t: jnp.sum(y**2), jb.RTRL())(PARAMS, CARRY, XS)
-    (loss_ref, _), grads_ref = scan_value_and_grad(linear_step, lambda y, t: jnp.sum(y**2), lambda h: 0.0)
-    np.testing.assert_allclose(flat(grads), flat(grads_ref), rtol=1e-10)
+    # targets=None is for no per-step loss only, as in value_and_grad
+    with pytest.raises(ValueError, match="targets=None is only for a call with no per-step loss"):
+        jb.online_grad(linear_step, mse, jb.RTRL())(PARAMS, CARRY, XS)
     (loss, final), grads = jb.online_grad(silent, None, jb.PES(0.1), final_loss=energy)(
         PARAMS, CARRY, XS[:0], key=jax.random.key(0))
     np.testing.assert_allclose(loss, energy(CARRY))
@@ -237,7 +236,7 @@ def test_errors():
         jb.PES(0.1, window=0)
     with pytest.raises(ValueError, match=r"method=jb.NRES\(...\) needs key="):
         jb.online_grad(linear_step, mse, jb.NRES(0.1))(PARAMS, CARRY, XS, TARGETS)
-    with pytest.raises(ValueError, match="loss_fn=None and final_loss=None leave nothing"):
+    with pytest.raises(ValueError, match="loss_fn=None needs a final_loss"):
         jb.online_grad(linear_step, None, jb.RTRL())
     with pytest.raises(ValueError, match=r"final_loss\(final_carry\) must return a float scalar"):
         jb.online_grad(linear_step, mse, jb.RTRL(), final_loss=lambda h: h)(PARAMS, CARRY, XS, TARGETS)

@@ -129,8 +129,9 @@ def test_bad_clip_norm(clip_norm, error, message):
 @pytest.mark.parametrize(
     "remat, error, message",
     [
-        (0, ValueError, r"remat must be a positive int \(checkpoint every s steps\); got remat=0"),
-        ("cubic", TypeError, r"remat must be None, a positive int .*, 'sqrt' or jaxbptt.Binomial\(slots\); got 'cubic'"),
+        (0, ValueError, r"remat must be a positive int or jaxbptt.Every\(steps\) .*; got remat=0"),
+        (jb.Every(-1), ValueError, r"remat must be a positive int .*; got remat=Every\(steps=-1\)"),
+        ("cubic", TypeError, r"remat must be None, a positive int .*, 'sqrt' .* or jaxbptt.Binomial\(slots\); got 'cubic'"),
         (1.5, TypeError, r"remat must be None, a positive int"),
     ],
 )
@@ -140,8 +141,17 @@ def test_bad_remat(remat, error, message):
 
 
 def test_bad_unroll():
-    with pytest.raises(ValueError, match=r"unroll must be a positive int .*; got unroll=0"):
-        jb.value_and_grad(jb.elman(2).step, mse, unroll=0)
+    for unroll in (-1, 2.5):
+        with pytest.raises(ValueError, match=rf"unroll must be a positive int .*; got unroll={unroll}"):
+            jb.value_and_grad(jb.elman(2).step, mse, unroll=unroll)
+
+
+def test_batch_major_data_without_time_axis_suggests_it():
+    cell = jb.with_readout(jb.elman(4), 1)
+    params = cell.init(jax.random.key(0), 3)
+    f = jb.value_and_grad(cell.step, mse)
+    with pytest.raises(ValueError, match=r"xs looks batch-major, shaped \(batch=5, T, ...\): pass time_axis=1"):
+        f(params, cell.initial_carry((5,)), jnp.ones((5, 9, 3)), jnp.ones((5, 9, 1)))
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -142,6 +142,8 @@ def test_integer_carry_leaf():
 def test_check_grads_reports_and_raises():
     step, loss_fn, *args = problem("two_layer", T=15)
     assert jb.check_grads(step, loss_fn, *args, argnums=ARGNUMS) < 1e-12
+    with_aux = lambda y, t: (loss_fn(y, t), {"y": jnp.sum(y)})
+    assert jb.check_grads(step, with_aux, *args, has_aux=True, diagnostics=True, clip_norm=0.1) < 1e-12
 
     # An engine with a wrong backward formula must be caught, naming a gradient leaf.
     cell = jb.elman(5)

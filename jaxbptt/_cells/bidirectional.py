@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from .._types import PyTree, StepFn
-from .._core.unroll import unroll
+from .._core.api import unroll
 
 
 def concat_features(y_forward, y_backward):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _validate as v
 from .._cells.combinator_kernels import masked_kernel, resettable_kernel, stacked_kernel
 from .._engine.kernel import Kernel, Step, closed, generic_kernel, reparametrized
 from .._cells.rnn import Cell
@@ -20,9 +21,22 @@ def _over_rows(flags: jax.Array, leaf: jax.Array) -> jax.Array:
     return flags.reshape(flags.shape + (1,) * (leaf.ndim - flags.ndim))
 
 
+def _split_input(inputs, combinator: str, name: str, example: str):
+    """A combinator's input at one step, the pair `(x, flags)`; a clear error for anything else (the
+    step's plain `x`, most often, when the flags were forgotten)."""
+    if not isinstance(inputs, (tuple, list)) or len(inputs) != 2:
+        raise TypeError(
+            f"{combinator}(step) takes at each step the pair (x, {name}), {name} a bool array of the batch shape: "
+            f"pass xs = (xs, {name}) with {name} of shape (T, *batch_shape){example}; got the step input "
+            f"{v.describe(inputs)}."
+        )
+    return inputs
+
+
 def _check_flags(name: str, flags, tree: PyTree, what: str) -> None:
     if not jnp.issubdtype(jnp.result_type(flags), jnp.bool_):
-        raise TypeError(f"{name} must be a bool array of the batch shape; got dtype {jnp.result_type(flags).name}.")
+        raise TypeError(f"{name} must be a bool array of the batch shape; got dtype {jnp.result_type(flags).name}. "
+                        f"The step's input is the pair (x, {name}).")
     shape = np.shape(flags)
     for keypath, leaf in jax.tree_util.tree_leaves_with_path(tree):
         if np.shape(leaf)[: len(shape)] != shape:
@@ -40,6 +54,11 @@ def masked(step: StepFn) -> StepFn:
     zero in general: to sum the loss over real steps only, pass the mask in the targets too and
     zero the padded rows' loss, as in the example. Padded inputs must be finite (zeros, say):
     a zero cotangent times a non-finite residual is still NaN, and jaxbptt never hides a NaN.
+
+    Raises:
+      TypeError: (when the step is traced) an input that is not a pair `(x, mask)`, or a mask that
+        is not bool.
+      ValueError: a mask whose shape is not the carry's batch shape.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxbptt as jb
@@ -67,7 +86,7 @@ def masked(step: StepFn) -> StepFn:
     """
 
     def masked_step(params, carry, inputs):
-        x, m = inputs
+        x, m = _split_input(inputs, "masked", "mask", ", e.g. jaxbptt.lengths_to_mask(lengths, T)")
         _check_flags("mask", m, carry, "carry")
         new_carry, y = step(params, carry, x)
         carry = jax.tree.map(lambda new, old: jnp.where(_over_rows(m, new), new, old), new_carry, carry)
@@ -98,6 +117,12 @@ def resettable(step: StepFn, initial_carry: PyTree) -> StepFn:
     `initial_carry` may be learned: `jax.grad` with respect to it (under `jit` too) is as through
     `lax.scan`, and over a kernel-backed step (a built-in cell's) the kernel computes it.
 
+    Raises:
+      TypeError: (when the step is traced) an input that is not a pair `(x, reset)`, a reset that is
+        not bool, or an `initial_carry` whose pytree structure is not the carry's.
+      ValueError: a reset whose shape is not the carry's batch shape, or an `initial_carry` leaf
+        that does not broadcast to the carry's leaf.
+
     Examples:
       >>> import jax.numpy as jnp, jaxbptt as jb
       >>> count = lambda p, c, x: (c + x, c + x)
@@ -111,8 +136,9 @@ def resettable(step: StepFn, initial_carry: PyTree) -> StepFn:
         return jax.tree.map(lambda init, c: jnp.broadcast_to(jnp.asarray(init, c.dtype), c.shape), initial, carry)
 
     def reset_step(step, initial, params, carry, inputs):
-        x, reset = inputs
+        x, reset = _split_input(inputs, "resettable", "reset", "")
         _check_flags("reset", reset, carry, "carry")
+        _check_initial_carry(initial, carry)
         carry = jax.tree.map(lambda f, c: jnp.where(_over_rows(reset, c), f, c), fresh(initial, carry), carry)
         return step(params, carry, x)
 
@@ -137,6 +163,26 @@ def resettable(step: StepFn, initial_carry: PyTree) -> StepFn:
     # The inner step's own closure joins this one: params (params, (inner closure, initial_carry)).
     opened = reparametrized(opened, lambda pc: ((pc[0], pc[1][0]), pc[1][1]))
     return closed(resettable_step, opened, (step.closure, initial_carry))
+
+
+def _check_initial_carry(initial: PyTree, carry: PyTree) -> None:
+    """`resettable`'s `initial_carry` is one carry: the carry's structure, each leaf broadcasting to
+    the carry's leaf (its shape without the batch dims, or with them)."""
+    if jax.tree.structure(initial) != jax.tree.structure(carry):
+        raise TypeError(f"resettable's initial_carry must have the carry's pytree structure; initial_carry is "
+                        f"{v.describe(initial)} but the carry is {v.describe(carry)}.")
+    for (keypath, init), c in zip(jax.tree_util.tree_leaves_with_path(initial), jax.tree.leaves(carry)):
+        try:
+            fits = np.broadcast_shapes(np.shape(init), np.shape(c)) == np.shape(c)
+        except ValueError:
+            fits = False
+        if not fits:
+            where = jax.tree_util.keystr(keypath)
+            raise ValueError(
+                f"resettable's initial_carry{where} has shape {np.shape(init)}, which does not broadcast to the "
+                f"carry{where}'s shape {np.shape(c)}; initial_carry is one carry, each leaf shaped like the carry's "
+                "without its batch dims (or with them)."
+            )
 
 
 def stacked(*steps: StepFn, residual: bool = False, dropout: float = 0.0) -> StepFn:

@@ -76,8 +76,9 @@ def embedding(cell: Cell, vocab_size: int, dim: int) -> Cell:
 
     The input `x` is an int array of the batch shape, or its one-hot encoding (float,
     `(*batch_shape, vocab_size)`), or a pair `(ids, key)` whose key goes on to the inner cell (for
-    the dropout of `jaxbptt.stacked`). Out-of-range ids follow `jnp.take`'s clamping; check them in
-    the data pipeline.
+    the dropout of `jaxbptt.stacked`). Ids outside `[0, vocab_size)` are clamped into it, as
+    `jnp.take(..., mode="clip")` does: a negative id reads row 0, an id `>= vocab_size` the last
+    row (and their gradients go there). Check ids in the data pipeline.
 
     Returns:
       A `Cell` with params `{"embed": (vocab_size, dim), "cell": inner params}`; `init(key,
@@ -105,7 +106,8 @@ def embedding(cell: Cell, vocab_size: int, dim: int) -> Cell:
 
     def lookup(embed, ids):
         if jnp.issubdtype(ids.dtype, jnp.integer):
-            return jnp.take(embed, ids, axis=0)
+            # jnp.take's default mode fills out-of-range rows with NaN; clamping keeps a stray id finite.
+            return jnp.take(embed, ids, axis=0, mode="clip")
         return (ids @ embed).astype(embed.dtype)  # one-hot rows
 
     def step(params, carry, x):

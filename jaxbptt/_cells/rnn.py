@@ -100,13 +100,17 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int; got {value!r}.")
 
 
-def _check_step_args(cell: str, params, carry, x, hidden_size: int, keys: tuple, state_type=None) -> None:
-    """Trace-time checks of a built-in cell's step arguments: each error names the argument, what it
-    got and what was expected (instead of a shape error from deep inside the cell)."""
+def _check_params(cell: str, params, keys: tuple) -> None:
     if not isinstance(params, dict) or set(params) != set(keys):
         got = f"keys {sorted(params)}" if isinstance(params, dict) else f"{type(params).__name__}"
         raise TypeError(f"params must be the {cell} cell's params from its init, a dict with keys {sorted(keys)}; "
                         f"got {got}. Were they made by another cell?")
+
+
+def _check_step_args(cell: str, params, carry, x, hidden_size: int, keys: tuple, state_type=None) -> None:
+    """Trace-time checks of a built-in cell's step arguments: each error names the argument, what it
+    got and what was expected (instead of a shape error from deep inside the cell)."""
+    _check_params(cell, params, keys)
     expected = state_type.__name__ if state_type is not None else "an array"
     if (state_type is not None and not isinstance(carry, state_type)) or (state_type is None and not hasattr(carry, "shape")):
         raise TypeError(f"carry of the {cell} cell must be {expected} (see its initial_carry); got {type(carry).__name__}.")
@@ -276,6 +280,10 @@ def lstm(hidden_size: int, *, forget_bias: float = 1.0) -> Cell:
       A `Cell` with params `{"W_x": (D, 4H), "W_h": (H, 4H), "b": (4H,)}` and carry
       `LSTMState(h, c)`, each `(*batch, H)`.
 
+    Raises:
+      ValueError: `hidden_size` is not a positive int.
+      TypeError: `forget_bias` is not a real number.
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxbptt as jb
       >>> cell = jb.lstm(4)
@@ -285,6 +293,10 @@ def lstm(hidden_size: int, *, forget_bias: float = 1.0) -> Cell:
       ((4,), (4,))
     """
     _check_positive_int("hidden_size", hidden_size)
+    real = isinstance(forget_bias, (int, float)) or (hasattr(forget_bias, "dtype") and np.ndim(forget_bias) == 0)
+    if isinstance(forget_bias, bool) or not real or jnp.issubdtype(jnp.result_type(forget_bias), jnp.complexfloating):
+        raise TypeError(f"forget_bias must be a real number (the forget gate's initial bias); got "
+                        f"forget_bias={forget_bias!r} of type {type(forget_bias).__name__}.")
     H = hidden_size
 
     def init(key, input_size: int, dtype=jnp.float32):
@@ -468,6 +480,11 @@ def with_readout(cell: Cell, output_size: int) -> Cell:
     Returns:
       A `Cell` with params `{"cell": inner params, "W_hy": (H, O), "b_y": (O,)}` and the inner carry.
 
+    Raises:
+      TypeError: `cell` is not a `Cell`; and, from its step, params that are not a dict with keys
+        `"cell"`, `"W_hy"`, `"b_y"` (as its init makes).
+      ValueError: `output_size` is not a positive int.
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxbptt as jb
       >>> model = jb.with_readout(jb.gru(8), 2)
@@ -476,6 +493,9 @@ def with_readout(cell: Cell, output_size: int) -> Cell:
       >>> y.shape
       (4, 2)
     """
+    if not isinstance(cell, Cell):
+        raise TypeError(f"with_readout needs a Cell as cell (jaxbptt.lstm(8), or jaxbptt.Cell(init, initial_carry, "
+                        f"step) around a step function); got {cell!r} of type {type(cell).__name__}.")
     _check_positive_int("output_size", output_size)
 
     def init(key, input_size: int, dtype=jnp.float32):
@@ -490,6 +510,7 @@ def with_readout(cell: Cell, output_size: int) -> Cell:
         }
 
     def step(params, carry, x):
+        _check_params("with_readout", params, ("cell", "W_hy", "b_y"))
         carry, h = cell.step(params["cell"], carry, x)
         return carry, _dense(h, params["W_hy"], params["b_y"])
 

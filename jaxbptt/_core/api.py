@@ -1,80 +1,35 @@
-"""`value_and_grad`: the summed per-step loss and its BPTT gradients in one forward and one reverse
-scan, the loss evaluated block by block so the outputs `ys` are never stored whole."""
+"""`value_and_grad` and `unroll`: each call checked and resolved once (`call.py`), computed by one
+method (`methods.py`; chosen by `cost.py` under `engine="auto"`), and finished once."""
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 
-from .._engine import reverse as _reverse
-from .._core import layout as _layout
 from .. import _validate as v
-from .._engine.kernel import is_float
-from .._core.options import check_options, poison_invalid, resolve
-from .._core.methods import check_engine, use_autodiff
-from .._engine.remat import make_plan
-from .._types import LossFn, StepFn
-from .._core.unroll import cast_like
+from .._engine.reverse import Diagnostics, zero_length_outputs
+from .._types import Carry, LossFn, Params, PyTree, StepFn
+from . import call as calls
+from . import layout
+from .cost import choose
+from .methods import as_method, refuse
+from .options import check_options
 
 
-def select_argnums(argnums, grads):
-    return grads[argnums] if isinstance(argnums, int) else tuple(grads[a] for a in argnums)
-
-
-def check_call(step, loss_fn, argnums, params, carry, xs, targets):
-    """Shared trace-time checks of `value_and_grad` and its oracle; returns (T, carry)."""
-    length = v.time_length("xs", xs)
-    v.check_same_length("targets", targets, length)
-    carry = v.check_carry(step, params, carry, xs)
-    for a in v.check_argnums(argnums):
-        v.check_differentiable(("params", "carry", "xs")[a], (params, carry, xs)[a])
-    _, y = jax.eval_shape(step, params, carry, v.first_step(xs))
-    v.check_loss(loss_fn, y, v.first_step(targets))
-    return length, carry
-
-
-def loss_dtype(step, loss_fn, params, carry, xs, targets):
-    """The dtype of one step's loss, which the summed loss keeps (also for T = 0)."""
-    _, y = jax.eval_shape(step, params, carry, v.first_step(xs))
-    return jax.eval_shape(loss_fn, y, v.first_step(targets)).dtype
-
-
-def check_layout_options(has_aux, time_axis, clip_scope) -> None:
-    """The layout and scope options (see `_layout`)."""
-    if not isinstance(has_aux, bool):
-        raise TypeError(f"has_aux must be a bool; got has_aux={has_aux!r}.")
-    _layout.check_time_axis(time_axis)
-    _layout.check_clip_scope(clip_scope)
-
-
-def empty_aux(loss_fn, ys_struct, targets):
-    """Zero-length `aux` for T = 0: the per-step aux structure with a leading axis of 0."""
-    _, aux = jax.eval_shape(loss_fn, ys_struct, v.first_step(targets))
-    return jax.tree.map(lambda s: jnp.zeros((0,) + s.shape, s.dtype), aux)
-
-
-def stacked_loss(loss_fn, ys, targets):
-    """`(sum_t loss_t, aux stacked over time)` of a `has_aux` loss."""
-    losses, aux = jax.vmap(loss_fn)(ys, targets)
-    return jnp.sum(losses), aux
-
-
-def zero_length_result(argnums, params, carry, xs, diagnostics, dtype=jnp.float32, aux=None):
-    """The exact answer for T = 0: zero loss, the initial carry, zero gradients."""
-    zeros = jax.tree.map(jnp.zeros_like, (params, carry, xs))
-    loss = jnp.zeros((), dtype)
-    aux = (loss, carry) + (() if aux is None else (aux,))
-    if diagnostics:
-        aux += (_reverse.Diagnostics(jnp.zeros((0,), jnp.float32), jnp.zeros((0,), bool)),)
-    return aux, select_argnums(argnums, zeros)
+def _used(remat=None, diagnostics=False, check_finite=False, axis_name=None, probe=None) -> dict:
+    """The options, by name, that not every method honours (for `methods.refuse`)."""
+    named = {"remat": remat, "diagnostics": diagnostics or None, "check_finite": check_finite or None,
+             "axis_name": axis_name, "probe": probe}
+    return {name: value for name, value in named.items() if value is not None}
 
 
 def value_and_grad(
     step: StepFn,
-    loss_fn: LossFn,
+    loss_fn: Optional[LossFn],
     *,
     argnums=0,
     truncation=None,
@@ -87,37 +42,50 @@ def value_and_grad(
     unroll: int = 1,
     check_finite: bool = False,
     axis_name=None,
-    engine: str = "auto",
+    engine="auto",
+    final_loss: Optional[Callable] = None,
 ) -> Callable:
-    """The sequence loss `L = sum_t loss_fn(y_t, target_t)` and its BPTT gradient.
+    """The sequence loss `L = sum_t loss_fn(y_t, target_t) + final_loss(final_carry)` and its BPTT
+    gradient.
 
     Equivalent to (but faster and lighter than)::
 
       def loss(params, carry, xs, targets):
         final, ys = lax.scan(lambda c, x: step(params, c, x), carry, xs)
-        return jnp.sum(jax.vmap(loss_fn)(ys, targets)), final
+        return jnp.sum(jax.vmap(loss_fn)(ys, targets)) + final_loss(final), final
       jax.value_and_grad(loss, argnums, has_aux=True)
 
-    with the gradient options of `jaxbptt.unroll` (truncation, clipping, memory policy), which
-    change the backward pass only. Time is the leading axis of every leaf of `xs` and `targets`.
+    with the gradient options below, which change the backward pass only: losses, carries and
+    outputs are always exact. Time is the leading axis of every leaf of `xs` and `targets`.
 
     Args:
-      step: `step(params, carry, x) -> (carry, y)`.
-      loss_fn: `loss_fn(y_t, target_t) -> scalar`; masks or weights can travel in the targets.
+      step: `step(params, carry, x) -> (carry, y)`; `y` may be None when there is no per-step loss.
+      loss_fn: `loss_fn(y_t, target_t) -> scalar`; masks or weights can travel in the targets. None:
+        no per-step loss (then `final_loss` is the whole loss and `targets` may be None).
       argnums: int or tuple of ints among 0 (params), 1 (carry), 2 (xs), as in `jax.value_and_grad`.
-      truncation, remat, clip_norm, unroll: as in `jaxbptt.unroll`.
-      clip_scope: what one per-step clipping norm covers: `"batch"` (default) the whole carry
-        cotangent, so the threshold's meaning depends on the batch size; `"example"` each row of the
-        carry's leading batch axis on its own (equal to `jax.vmap` of the unbatched call over
-        examples). Diagnostics report the global norm in both scopes; with `"example"`, `clipped`
-        is true at a step where any example was rescaled.
+      truncation: None (exact BPTT); an int k >= 1 (chunked: the carry entering step t is treated
+        as a constant when `t > 0 and t % k == 0`; may be a traced integer, to vmap over k); or a
+        pair (k1, k2), 1 <= k1 <= k2 (Williams & Peng: the errors of each chunk of k1 steps go back
+        through a window of k2 steps, re-run from a constant carry; every loss counted once). The
+        final loss, like a cotangent of the final carry, is an error of the last chunk.
+      remat: the memory policy: None (the engine stores what is cheaper to store than to
+        recompute), `jaxbptt.Every(s)` (or an int s: keep every s-th carry, recompute the rest),
+        `jaxbptt.Sqrt()` (or "sqrt": s = ceil(sqrt(T))) or `jaxbptt.Binomial(slots)` (at most
+        `slots` stored carries, Griewank's optimal re-run schedule). Gradients are unchanged.
+      clip_norm: None, or c > 0: at every step the cotangent of the carry entering it is rescaled to
+        norm at most c before it flows further back (per-step clipping; may be traced).
+      clip_scope: what one clipping norm covers: `"batch"` (default) the whole carry cotangent,
+        so the threshold's meaning depends on the batch size; `"example"` each row of the carry's
+        leading batch axis on its own (equal to `jax.vmap` of the unbatched call over examples).
+        Diagnostics report the global norm in both scopes; with `"example"`, `clipped` is true at a
+        step where any example was rescaled.
       diagnostics: also return `diag` (`jaxbptt.Diagnostics`: per-step adjoint norm and clipped flag).
-      has_aux: `loss_fn(y_t, target_t) -> (loss_t, aux_t)`, `aux_t` any pytree of per-step metrics;
-        they are returned stacked over time (leading axis T, whatever `time_axis`). The outputs
-        `ys` are then kept whole for the loss (the default evaluates the loss block by block).
+      has_aux: `loss_fn(y_t, target_t) -> (loss_t, aux_t)`, `aux_t` any pytree of per-step metrics,
+        returned stacked over time (leading axis T, whatever `time_axis`).
       time_axis: 0 when time is the leading axis of every leaf of `xs` and `targets` (time-major,
         as `lax.scan`); 1 for batch-major data shaped `(batch, T, ...)` (Flax's default). The result
         equals the time-major call on `swapaxes(0, 1)` data; input gradients come back batch-major.
+      unroll: steps per iteration of the inner loops, as in `lax.scan`.
       check_finite: the checked mode, for debugging. Every step's carry and output (forward), every
         carry cotangent and every block's parameter gradient (backward) is checked with
         `jax.experimental.checkify`; the first non-finite value raises `JaxRuntimeError` naming its
@@ -127,19 +95,28 @@ def value_and_grad(
       axis_name: inside `jax.shard_map` (or `pmap`) over a split batch, the mapped axis over which
         the global norms of clipping and diagnostics are reduced, so that they equal the unsplit
         batch's (see `jaxbptt.data_parallel`).
+      engine: the method: "auto" (default: chosen per call by a cost model of the step, made at
+        trace time), "reverse" or `jaxbptt.ReverseScan()` (the reverse-scan engine: every option),
+        "autodiff" or `jaxbptt.Autodiff(checkpoint=False)` (`jax.grad` through the option
+        surrogates; no `remat`, diagnostics, checked mode or `axis_name`). Methods change speed and
+        memory, never a result: gradients are equal up to float rounding, as are their derivatives.
+      final_loss: `final_loss(final_carry) -> scalar`, added to the loss (the validation loss of
+        weights trained by an unrolled loop, say).
 
     Returns:
-      A function `(params, carry, xs, targets) -> ((loss, final_carry), grads)`, with `aux` then
-      `diag` appended to the first tuple when `has_aux=True` and `diagnostics=True`:
+      A function `(params, carry, xs, targets=None) -> ((loss, final_carry), grads)`, with `aux`
+      then `diag` appended to the first tuple when `has_aux=True` and `diagnostics=True`:
       `((loss, final_carry, aux, diag), grads)`; `grads` is structured by `argnums` as in
       `jax.value_and_grad`. The function is jitted (called outside `jit` it still runs as one
-      compiled program) and composes with `jit`, `vmap` and `grad`; with `check_finite=True` it
-      runs its own compiled, checked program instead (see `check_finite`).
+      compiled program) and composes with `jit`, `vmap` and `grad`: derivatives of the gradient
+      (`jax.hessian`, grad of grad, `jax.jvp` of it) are those of the gradient the options define,
+      so the Jacobian of a truncated or clipped gradient is not symmetric. With
+      `check_finite=True` it runs its own compiled, checked program instead (see `check_finite`).
 
     Raises:
       TypeError / ValueError: at trace time, for a non-callable step or loss, mismatched time axes
-        of `xs` and `targets`, a step that changes its carry, a non-scalar loss, or options out of
-        range; each message names the argument.
+        of `xs` and `targets`, a step that changes its carry, a non-scalar loss, options out of
+        range, or an option the chosen `engine` does not honour; each message names the argument.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxbptt as jb
@@ -161,58 +138,44 @@ def value_and_grad(
       >>> (loss, final, aux), grads = f(params, model.initial_carry((8,)), jnp.ones((8, 50, 2)), jnp.zeros((8, 50, 1)))
       >>> aux["abs_error"].shape
       (50,)
+
+    A loss of the final carry only (an unrolled optimisation: 20 SGD steps on a quadratic, and the
+    gradient of the last iterate's loss with respect to the log learning rate):
+
+      >>> def sgd(log_lr, w, x):
+      ...   return w - jnp.exp(log_lr) * 2 * (w - x), None
+      >>> f = jb.value_and_grad(sgd, None, final_loss=lambda w: jnp.sum(w ** 2))
+      >>> (loss, w_final), d_log_lr = f(jnp.log(0.1), jnp.ones(3), jnp.zeros((20, 3)))
+      >>> float(d_log_lr) < 0
+      True
     """
     v.check_callable("step", step)
-    v.check_callable("loss_fn", loss_fn)
+    loss = calls.make_loss(loss_fn, has_aux, final_loss)
     nums = v.check_argnums(argnums)
-    check_options(truncation, remat, clip_norm, unroll)
-    check_engine(engine, remat=remat, diagnostics=diagnostics, check_finite=check_finite, axis_name=axis_name)
-    check_layout_options(has_aux, time_axis, clip_scope)
-    scalar_loss = _layout.split_aux(loss_fn) if has_aux else loss_fn
+    check_options(truncation=truncation, remat=remat, clip_norm=clip_norm, clip_scope=clip_scope, unroll=unroll,
+                  time_axis=time_axis, has_aux=has_aux, diagnostics=diagnostics, check_finite=check_finite,
+                  argnums=argnums, final_loss=final_loss)
+    method = as_method(engine)
+    used = _used(remat, diagnostics, check_finite, axis_name)
+    refuse(method, used)
 
-    def value_and_grad_fn(params, carry, xs, targets):
-        xs = _layout.time_major(xs, time_axis)
-        targets = _layout.time_major(targets, time_axis, "targets")
-        length, carry = check_call(step, scalar_loss, argnums, params, carry, xs, targets)
-        if clip_norm is not None and clip_scope == "example":
-            _layout.check_example_rows(carry)
-        if length == 0:
-            dtype = loss_dtype(step, scalar_loss, params, carry, xs, targets)
-            aux = empty_aux(loss_fn, jax.eval_shape(step, params, carry, v.first_step(xs))[1], targets) if has_aux else None
-            return zero_length_result(argnums, params, carry, xs, diagnostics, dtype, aux)
-        opts = resolve(length, truncation=truncation, clip_norm=clip_norm, remat=remat, clip_scope=clip_scope,
-                       diagnostics=diagnostics, unroll=unroll, check_finite=check_finite, axis_name=axis_name,
-                       need_xs=2 in nums, engine=engine)
-        rows, elements = _reverse.rows_per_step(carry), _reverse.carry_elements(carry)
-        if use_autodiff(step, length, rows, elements, opts):
-            from .._core.reference import reference_value_and_grad  # it builds on this module
-
-            oracle = reference_value_and_grad(step, loss_fn, argnums=argnums, truncation=truncation,
-                                              clip_norm=clip_norm, has_aux=has_aux)
-            aux, grads = oracle(params, carry, xs, targets)
-            return aux, poison_invalid(grads, opts)
-        plan = make_plan(length, remat, rows, elements)
-        kernel, consts = _reverse.setup(step, params, carry, xs)
-        ct_ys, loss = None, (loss_fn, targets)
-        if has_aux:  # the stacked aux needs every step's output at once
-            final, ys, saved = _reverse.forward(kernel, params, consts, carry, xs, plan, opts)
-            value, loss_vjp, aux = jax.vjp(lambda ys: stacked_loss(loss_fn, ys, targets), ys, has_aux=True)
-            (ct_ys,), loss = loss_vjp(jnp.ones_like(value)), None
+    def value_and_grad_fn(params, carry, xs, targets=None):
+        call = calls.prepare(step, params, carry, xs, targets, loss=loss, argnums=nums, time_axis=time_axis,
+                             truncation=truncation, clip_norm=clip_norm, clip_scope=clip_scope, remat=remat,
+                             diagnostics=diagnostics, unroll=unroll, check_finite=check_finite, axis_name=axis_name)
+        if call.length == 0:
+            result = calls.zero_length(call)
         else:
-            final, value, saved = _reverse.forward(kernel, params, consts, carry, xs, plan, opts, loss=loss)
-        ct_final = jax.tree.map(lambda c: jnp.zeros(c.shape, c.dtype if is_float(c) else jnp.float32), carry)
-        dparams, dcarry, dxs, diag = _reverse.backward(kernel, params, consts, xs, saved, plan, opts,
-                                                       ct_final=ct_final, ct_ys=ct_ys, loss=loss)
-        grads = (cast_like(dparams, params), cast_like(dcarry, carry), _layout.from_time_major(dxs, time_axis))
-        grads = poison_invalid(select_argnums(argnums, grads), opts)
-        aux = (value, final) + ((aux,) if has_aux else ()) + ((diag,) if diagnostics else ())
-        return aux, grads
+            chosen, store = choose(call, used) if method == "auto" else (method, None)
+            result = chosen.value_and_grad(call, store)
+        out, grads = calls.finish(call, result, time_axis)
+        return out, calls.select(argnums, grads)
 
     if not check_finite:
         return jax.jit(value_and_grad_fn)  # one compiled program even when called outside jit
     checked = jax.jit(checkify.checkify(value_and_grad_fn, errors=checkify.user_checks))
 
-    def checked_value_and_grad_fn(params, carry, xs, targets):
+    def checked_value_and_grad_fn(params, carry, xs, targets=None):
         if any(v.is_traced(a) for a in jax.tree.leaves((params, carry, xs, targets))):
             raise ValueError(
                 "value_and_grad(..., check_finite=True) compiles and runs its own checked program and raises "
@@ -225,3 +188,161 @@ def value_and_grad(
 
     return checked_value_and_grad_fn
 
+
+def diagnostics_probe(length: int, dtype=None) -> Diagnostics:
+    """Zeros to pass as `jaxbptt.unroll(..., probe=...)`: the probe's gradient is the diagnostics.
+
+    The forward pass ignores the probe; the reverse scan writes into its cotangent the per-step
+    adjoint norm and the clipped flag (as 0.0 / 1.0), so that `jax.grad` with respect to the probe
+    returns a `jaxbptt.Diagnostics` of the very backward pass that computed the other gradients.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbptt as jb
+      >>> cell = jb.elman(8)
+      >>> params, xs = cell.init(jax.random.key(0), 2), jnp.ones((30, 2), jnp.float32)
+      >>> def loss(params, probe):
+      ...   final, ys = jb.unroll(cell.step, params, cell.initial_carry(), xs, clip_norm=0.5, probe=probe)
+      ...   return jnp.sum(ys[-1])
+      >>> grads, diag = jax.grad(loss, argnums=(0, 1))(params, jb.diagnostics_probe(30))
+      >>> diag.adjoint_norm.shape, bool(diag.clipped[-1])
+      ((30,), True)
+    """
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise ValueError(f"length must be a non-negative int (the number of steps); got {length!r}.")
+    zeros = jnp.zeros((length,), dtype)  # default: JAX's default float (float64 under x64)
+    return Diagnostics(zeros, zeros)
+
+
+def _check_probe(probe, length: int) -> None:
+    if not isinstance(probe, Diagnostics) or any(jnp.shape(a) != (length,) for a in probe):
+        raise ValueError(
+            f"probe must be jaxbptt.diagnostics_probe({length}) (a Diagnostics of two float arrays of shape "
+            f"({length},), T being the length of xs); got {jax.tree.map(jnp.shape, probe)!r}."
+        )
+
+
+def unroll(
+    step: StepFn,
+    params: Params,
+    carry: Carry,
+    xs: PyTree,
+    *,
+    truncation=None,
+    remat=None,
+    clip_norm=None,
+    clip_scope: str = "batch",
+    reverse: bool = False,
+    unroll: int = 1,
+    probe=None,
+    engine="auto",
+    time_axis: int = 0,
+    length: Optional[int] = None,
+) -> tuple[Carry, PyTree]:
+    """Run `step` over time, with reverse-mode derivatives from the hand-written reverse scan.
+
+    Type: `unroll :: (p -> c -> a -> (c, b)) -> p -> c -> [a] -> (c, [b])`, time being the leading
+    axis of every leaf of `xs` and of the returned `ys`. The forward values are exactly those of::
+
+      def unroll(step, params, carry, xs):
+        ys = []
+        for t in range(T):
+          carry, y = step(params, carry, tree_map(lambda a: a[t], xs))
+          ys.append(y)
+        return carry, tree_map(stack, *ys)
+
+    `jax.grad` (or `jax.vjp`) of any function of `(final_carry, ys)` with respect to `params`,
+    `carry` or `xs` runs the reverse scan: the carry adjoint goes back step by step, and parameter
+    and input gradients are formed afterwards, block by block, as large matrix products. The
+    gradient options change that backward pass only, with the meaning they have in
+    `jaxbptt.value_and_grad` (truncation, per-step clipping and its scope, memory policies
+    `None`, `jaxbptt.Every(s)`, `jaxbptt.Sqrt()` and `jaxbptt.Binomial(slots)`); a cotangent of
+    the final carry counts as an error of the last chunk.
+
+    `step` may close over traced values (a hyperparameter, a learned initial carry): `jax.grad`
+    with respect to them works as through `lax.scan`.
+
+    Forward mode (`jax.jvp`, `jax.jacfwd`) is not supported through the reverse scan's custom VJP
+    (it is through `engine="autodiff"`); `jax.hessian`, grad of grad and forward-over-reverse are.
+
+    Args:
+      step: `step(params, carry, x) -> (carry, y)`, pure; the carry keeps its structure, shapes and
+        dtypes; `y` may be None.
+      params: pytree of parameters.
+      carry: the initial carry.
+      xs: pytree whose leaves have time as the leading axis (length T), or None (then `length`
+        gives T and the step receives `x=None`), as in `lax.scan`.
+      truncation, remat, clip_norm, clip_scope, unroll, time_axis: as in `jaxbptt.value_and_grad`.
+      reverse: run from the last step to the first, as in `lax.scan` (truncation chunks then
+        count from the end).
+      probe: None, or `jaxbptt.diagnostics_probe(T)`; the gradient with respect to it is the
+        `jaxbptt.Diagnostics` of the reverse scan (per-step adjoint norm and clipped flag, indexed
+        by time step).
+      engine: as in `jaxbptt.value_and_grad`.
+      length: the number of steps, needed when `xs` holds no arrays (None); if given with `xs`, it
+        must equal their time axis.
+
+    Returns:
+      `(final_carry, ys)`, `ys` stacked along the time axis (`time_axis`).
+
+    Raises:
+      TypeError: `step` is not callable, or it changes the carry's structure, shapes or dtypes.
+      ValueError: leaves of `xs` disagree on the time length, an option is out of range, or the
+        chosen `engine` does not honour an option.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbptt as jb
+      >>> model = jb.with_readout(jb.elman(16), 1)
+      >>> params = model.init(jax.random.key(0), 3)
+      >>> xs = jnp.ones((20, 4, 3), jnp.float32)                      # (T, batch, input)
+      >>> def loss(params):
+      ...   final, ys = jb.unroll(model.step, params, model.initial_carry((4,)), xs)
+      ...   return jnp.sum(ys ** 2) + jnp.sum(final ** 2)
+      >>> grads = jax.grad(loss)(params)
+      >>> grads["cell"]["W_hh"].shape
+      (16, 16)
+    """
+    v.check_callable("step", step)
+    check_options(truncation=truncation, remat=remat, clip_norm=clip_norm, clip_scope=clip_scope, unroll=unroll,
+                  time_axis=time_axis)
+    method = as_method(engine)
+    used = _used(remat, probe=probe)
+    refuse(method, used)
+    call = calls.prepare(step, params, carry, xs, time_axis=time_axis, argnums=(0, 1, 2), truncation=truncation,
+                         clip_norm=clip_norm, clip_scope=clip_scope, remat=remat, diagnostics=probe is not None,
+                         unroll=unroll, length=length)
+    if probe is not None:
+        _check_probe(probe, call.length)
+    if call.length == 0:
+        final, ys = zero_length_outputs(step, params, call.carry, call.xs)
+        return final, layout.from_time_major(ys, time_axis)
+    flip = functools.partial(jax.tree.map, lambda a: jnp.flip(a, axis=0))
+    if reverse:
+        call, probe = call._replace(xs=flip(call.xs)), flip(probe)
+    chosen, store = choose(call, used) if method == "auto" else (method, None)
+    final, ys = chosen.unroll(call, probe, store)
+    return final, layout.from_time_major(flip(ys) if reverse else ys, time_axis)
+
+
+# ---- the checks that the online-gradient methods share with value_and_grad ------------------------
+
+
+def check_call(step, loss_fn, argnums, params, carry, xs, targets):
+    """The trace-time checks of a `value_and_grad` call; returns `(T, carry)`."""
+    call = calls.prepare(step, params, carry, xs, targets, loss=calls.make_loss(loss_fn, False, None),
+                         argnums=v.check_argnums(argnums))
+    return call.length, call.carry
+
+
+def loss_dtype(step, loss_fn, params, carry, xs, targets):
+    """The dtype of one step's loss, which the summed loss keeps (also for T = 0)."""
+    _, y = jax.eval_shape(step, params, carry, v.first_step(xs))
+    return jax.eval_shape(loss_fn, y, v.first_step(targets)).dtype
+
+
+def zero_length_result(argnums, params, carry, xs, diagnostics, dtype=jnp.float32):
+    """The exact answer for T = 0: zero loss, the initial carry, zero gradients."""
+    zeros = jax.tree.map(jnp.zeros_like, (params, carry, xs))
+    aux = (jnp.zeros((), dtype), carry)
+    if diagnostics:
+        aux += (Diagnostics(jnp.zeros((0,), jnp.float32), jnp.zeros((0,), bool)),)
+    return aux, zeros[argnums] if isinstance(argnums, int) else tuple(zeros[a] for a in argnums)

@@ -1,82 +1,121 @@
-"""Which exact path computes a gradient: the reverse-scan engine or plain autodiff.
+"""The methods that compute a call's gradients, as values (`engine=` takes one, or a name):
 
-Both paths give the same gradients for every option they accept (up to float rounding):
-- `"reverse"`: the reverse-scan engine (`_reverse.py`), whose sequential loop carries only the
-  carry adjoint and whose parameter gradients are large matrix products per block;
-- `"autodiff"`: `jax.grad` through the option surrogates of `_reference.py` (a plain `lax.scan`
-  with `stop_gradient` for truncation and a clipping identity for `clip_norm`).
+- `ReverseScan()` (`engine="reverse"`): the hand-written reverse scan of `jaxbptt._engine`, whose
+  sequential loop carries only the carry adjoint and whose parameter gradients are large matrix
+  products per block. It honours every option.
+- `Autodiff(checkpoint=False)` (`engine="autodiff"`): `jax.grad` through the option surrogates'
+  `lax.scan`; with `checkpoint=True`, over `jax.checkpoint(step)`, storing each step's carry and
+  recomputing its residuals. It has no memory policy, diagnostics, checked mode or cross-device
+  norms, and refuses them with an error naming them.
 
-`engine="auto"` (the default) chooses at trace time with `prefers_autodiff`, a small cost model
-of where the engine's fixed per-block cost (an epilogue of output cotangents and parameter products
-for every block) outweighs what it saves per step: short sequences, or narrow carries, at large
-batches. It only ever picks autodiff where that keeps every requested feature: no memory policy
-(autodiff stores every step), no diagnostics, no checked mode, no cross-device norms, exact BPTT or
-chunked truncation by a static length, no clipping.
+Every method gives the same results for every option it honours (gradients equal up to float
+rounding, and their own derivatives too); they differ in speed and memory only. `engine="auto"`
+(the default) chooses per call with the cost model of `cost.py`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import NamedTuple, Union
 
-from .._engine.kernel import Step
-
-if TYPE_CHECKING:
-    from .._core.options import Options
-
-ENGINES = ("auto", "reverse", "autodiff")
+from . import autodiff, reverse_scan
+from .call import Call, Result
 
 
-def check_engine(engine, *, remat=None, diagnostics=False, check_finite=False, axis_name=None, probe=None) -> None:
-    """Trace-time validation of the `engine` option and of what the autodiff path cannot do."""
-    if not isinstance(engine, str) or engine not in ENGINES:
-        raise ValueError(f"engine must be one of {list(ENGINES)}; got engine={engine!r}.")
-    if engine != "autodiff":
+class ReverseScan(NamedTuple):
+    """The reverse-scan engine (`engine="reverse"`): every option, about half of `jax.grad`'s
+    memory or less, and faster where the per-step work is small or the sequence long.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbptt as jb
+      >>> cell = jb.elman(4)
+      >>> params = cell.init(jax.random.key(0), 2)
+      >>> mse = lambda y, t: jnp.mean((y - t) ** 2)
+      >>> f = jb.value_and_grad(cell.step, mse, engine=jb.ReverseScan(), remat=jb.Sqrt())
+      >>> (loss, _), grads = f(params, cell.initial_carry(), jnp.ones((9, 2)), jnp.zeros((9, 4)))
+      >>> grads["W_hh"].shape
+      (4, 4)
+    """
+
+    def refused(self, used: dict) -> list:
+        del used
+        return []
+
+    def value_and_grad(self, call: Call, store=None) -> Result:
+        return reverse_scan.value_and_grad(call, reverse_scan.plan_of(call, store))
+
+    def unroll(self, call: Call, probe=None, store=None):
+        return reverse_scan.unroll(call, reverse_scan.plan_of(call, store), probe)
+
+
+class Autodiff(NamedTuple):
+    """JAX autodiff through the option surrogates' `lax.scan` (`engine="autodiff"`).
+
+    Attributes:
+      checkpoint: scan `jax.checkpoint(step)`: the backward pass stores each step's carry (and
+        reads its input) only, and recomputes the step's residuals; memory of the carries alone.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbptt as jb
+      >>> cell = jb.gru(4)
+      >>> params = cell.init(jax.random.key(0), 2)
+      >>> mse = lambda y, t: jnp.mean((y - t) ** 2)
+      >>> args = (params, cell.initial_carry(), jnp.ones((9, 2)), jnp.zeros((9, 4)))
+      >>> _, g1 = jb.value_and_grad(cell.step, mse, truncation=3, engine=jb.Autodiff(checkpoint=True))(*args)
+      >>> _, g2 = jb.value_and_grad(cell.step, mse, truncation=3, engine=jb.ReverseScan())(*args)
+      >>> bool(jnp.allclose(g1["W_h"], g2["W_h"], rtol=1e-5, atol=1e-7))
+      True
+    """
+
+    checkpoint: bool = False
+
+    # What this method cannot do, and why.
+    REFUSED = {"remat": "it has no memory policy other than checkpoint=True",
+               "diagnostics": "it records no per-step adjoint norms", "probe": "it records no per-step adjoint norms",
+               "check_finite": "it has no checked mode", "axis_name": "it reduces no norm across devices"}
+
+    def refused(self, used: dict) -> list:
+        return [name for name in self.REFUSED if name in used]
+
+    def value_and_grad(self, call: Call, store=None) -> Result:
+        del store
+        return autodiff.value_and_grad(call, self.checkpoint)
+
+    def unroll(self, call: Call, probe=None, store=None):
+        del probe, store
+        return autodiff.unroll(call, self.checkpoint)
+
+
+Method = Union[ReverseScan, Autodiff]
+NAMES = {"reverse": ReverseScan(), "autodiff": Autodiff()}
+
+
+def check_engine(engine) -> None:
+    if isinstance(engine, Autodiff) and not isinstance(engine.checkpoint, bool):
+        raise TypeError(f"Autodiff(checkpoint=...) must be a bool; got checkpoint={engine.checkpoint!r}.")
+    if isinstance(engine, (ReverseScan, Autodiff)):
         return
-    unsupported = {"remat": remat is not None, "diagnostics": bool(diagnostics), "check_finite": bool(check_finite),
-                   "axis_name": axis_name is not None, "probe": probe is not None}
-    named = [name for name, used in unsupported.items() if used]
-    if named:
+    if not isinstance(engine, str) or engine not in ("auto", *NAMES):
         raise ValueError(
-            f"engine='autodiff' (jax.grad through lax.scan) stores every step and has no diagnostics, checked "
-            f"mode or cross-device norms; got {', '.join(named)} set. Use engine='reverse' or 'auto' with "
-            f"these options."
+            f"engine must be 'auto', 'reverse', 'autodiff', jaxbptt.ReverseScan() or jaxbptt.Autodiff(...); "
+            f"got engine={engine!r}."
         )
 
 
-# The cost model's thresholds: batch rows per step from which the engine's per-block epilogue
-# (residual copies, output cotangents, parameter products of every block; it grows with the batch)
-# outweighs the per-step work it saves; the longest sequence where that holds at any width; and the
-# carry width (elements per batch row) up to which it holds at any length. The engine keeps at least
-# 8 blocks per sequence for memory, so up to 64 steps a block holds at most 8 steps.
-_AUTODIFF_MIN_ROWS = 32
-_AUTODIFF_MAX_LENGTH = 64
-_AUTODIFF_MAX_WIDTH = 64
+def as_method(engine) -> Union[Method, str]:
+    """The method an `engine` option names, or "auto"."""
+    check_engine(engine)
+    return NAMES.get(engine, engine) if isinstance(engine, str) else engine
 
 
-def prefers_autodiff(length: int, rows: int, elements: int) -> bool:
-    """The cost model: True where autodiff through `lax.scan` is measured faster than the engine.
-
-    `rows` is the batch size of one step and `elements` its carry's size (B x H, 2 B x H for an
-    LSTM). Measured side by side on 2 CPU cores, float32, with the built-in cells, D=16, a 10-unit
-    readout and per-step MSE (the `grid` suite of `python -m benchmarks`: T in {25, 50, 100}, B in
-    {8, 64}, H in {32, 128}; and T=60, B=32, H=32):
-    - at batch 8 the engine took 0.48-0.97x autodiff's time at every T and H;
-    - at batch 64 and T <= 50 it took 0.95-1.35x (blocks of at most 8 steps, where the per-block
-      epilogue dominates);
-    - at batch 64 and T=100 it took 0.84-0.97x with H=128 but 1.05-1.11x with H=32 on a quiet
-      machine (1.15-1.3x under load, and the same at T=300): a narrow carry gives each step too
-      little work for the one matrix product per step the engine saves.
-    Runs on a loaded machine vary by more than these margins: re-measure before moving a threshold.
-    """
-    if rows < _AUTODIFF_MIN_ROWS:
-        return False
-    return length <= _AUTODIFF_MAX_LENGTH or elements <= _AUTODIFF_MAX_WIDTH * rows
-
-
-def use_autodiff(step, length: int, rows: int, elements: int, opts: "Options") -> bool:
-    """Whether this call, with its resolved options, takes the autodiff path."""
-    if opts.engine != "auto":
-        return opts.engine == "autodiff"
-    plain = (opts.remat is None and opts.clip_norm is None and opts.static_truncation and not opts.diagnostics
-             and not opts.check_finite and opts.axis_name is None)
-    return plain and isinstance(step, Step) and prefers_autodiff(length, rows, elements)
+def refuse(method, used: dict) -> None:
+    """A ValueError naming every option in `used` (name -> value) that `method` does not honour."""
+    if isinstance(method, str):
+        return
+    refused = method.refused(used)
+    if refused:
+        listing = ", ".join(f"{name}={used[name]!r}" for name in refused)
+        reasons = "; ".join(f"{name}: {method.REFUSED[name]}" for name in refused)
+        raise ValueError(
+            f"engine={method!r} does not honour {listing} ({reasons}). Use engine='reverse' "
+            f"(jaxbptt.ReverseScan(), which honours every option) or engine='auto'."
+        )

@@ -147,7 +147,7 @@ def identity_post(params, outs):
     return outs
 
 
-def _varying_outputs(closed_jaxpr, varying_inputs: list[bool]) -> list[bool]:
+def varying_outputs(closed_jaxpr, varying_inputs: list[bool]) -> list[bool]:
     """Which outputs of a jaxpr depend on the inputs flagged as varying (a forward walk).
 
     Conservative: an equation with any varying input makes all its outputs varying, nested jaxprs
@@ -218,7 +218,7 @@ def generic_kernel(step: Callable, params: PyTree, carry: PyTree, u: PyTree) -> 
     treedef = structure["treedef"]
     n_res = treedef.num_leaves
     n_rest = len(jax.tree.leaves(carry)) + len(jax.tree.leaves(u))
-    varying = _varying_outputs(closed, [False] * len(hoisted_spec) + [True] * n_rest)[:n_res]
+    varying = varying_outputs(closed, [False] * len(hoisted_spec) + [True] * n_rest)[:n_res]
     # A residual that is a leaf of the new carry is read from the stored carry; one that cheap
     # elementwise work derives from the new carry and loop invariants alone (tanh's `1 - h^2`, say)
     # is recomputed from it in the reverse loop rather than stored.

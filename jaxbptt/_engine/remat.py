@@ -39,6 +39,8 @@ _MIN_BLOCKS = 8
 # 8-12 blocks instead of 20 (LSTM, T=100, B=64, H=32, 2 CPU cores: 0.79x autodiff's time against
 # 1.07x with 20 blocks, one interleaved run on a loaded machine).
 _BLOCK_ELEMENTS = 1 << 17
+# Binomial's default unit lets each unit be re-run at most this many times.
+_BINOMIAL_REPETITIONS = 2
 # A binomial schedule runs one unit per iteration of an int32-counted loop.
 _MOST_STEPS = 2**31 - 1
 
@@ -46,11 +48,16 @@ _MOST_STEPS = 2**31 - 1
 class Binomial(NamedTuple):
     """`remat=Binomial(slots)`: the optimal recomputation schedule for `slots` stored carries.
 
+    Memory: `slots` carries, plus one unit's residuals while it is reversed. The default unit
+    is as short as lets each unit be re-run at most twice (`ceil(T / C(slots + 2, 2))` steps, and
+    at most the engine's usual block), so memory falls as `slots` grows: about
+    `slots * carry + 2 T / slots**2 * residuals per step`.
+
     Attributes:
       slots: carries kept at once (the initial one included), >= 1.
       block: steps per unit of the schedule; each unit is reversed as one block (its residuals
-        recomputed, its parameter gradients as matrix products). None: the engine's block size.
-        `block=1` is the classic step-level schedule.
+        recomputed, its parameter gradients as matrix products). None: derived from `slots` and T
+        as above. `block=1` is the classic step-level schedule.
 
     Gradients, and their own derivatives (`jax.hessian`, grad of grad), equal those of
     `remat=None` up to float rounding, with every other option.
@@ -81,11 +88,14 @@ class Sqrt(NamedTuple):
     """`remat=Sqrt()`: `Every(ceil(sqrt(T)))`, O(sqrt(T)) carries kept (the same as `remat="sqrt"`)."""
 
 
-def _canonical(remat):
-    """The int / "sqrt" spelling of a policy value (the engine's own)."""
-    if isinstance(remat, Every):
-        return remat.steps
-    return "sqrt" if isinstance(remat, Sqrt) else remat
+def canonical_remat(remat):
+    """The policy as a value: `None`, `Every(s)` (also spelled `s`), `Sqrt()` (also `"sqrt"`) or
+    `Binomial`."""
+    if isinstance(remat, int) and not isinstance(remat, bool):
+        return Every(remat)
+    if isinstance(remat, str) and remat == "sqrt":
+        return Sqrt()
+    return remat
 
 
 class Schedule(NamedTuple):
@@ -185,37 +195,44 @@ def _groups(length: int, block: int) -> tuple[tuple[int, int, int], ...]:
 
 
 def validate_remat(remat) -> None:
-    remat = _canonical(remat)
-    if remat is None or (isinstance(remat, str) and remat == "sqrt"):
+    policy = canonical_remat(remat)
+    if policy is None or isinstance(policy, Sqrt):
         return
-    if isinstance(remat, Binomial):
-        if isinstance(remat.slots, bool) or not isinstance(remat.slots, int) or remat.slots < 1:
-            raise ValueError(f"remat=Binomial(slots) needs an int slots >= 1 (carries kept); got slots={remat.slots!r}.")
-        if remat.block is not None and (not isinstance(remat.block, int) or remat.block < 1):
-            raise ValueError(f"remat=Binomial(slots, block) needs block None or an int >= 1; got block={remat.block!r}.")
+    if isinstance(policy, Binomial):
+        if isinstance(policy.slots, bool) or not isinstance(policy.slots, int) or policy.slots < 1:
+            raise ValueError(f"remat=Binomial(slots) needs an int slots >= 1 (carries kept); got slots={policy.slots!r}.")
+        if policy.block is not None and (isinstance(policy.block, bool) or not isinstance(policy.block, int)
+                                         or policy.block < 1):
+            raise ValueError(f"remat=Binomial(slots, block) needs block None or an int >= 1; got block={policy.block!r}.")
         return
-    if isinstance(remat, bool) or not isinstance(remat, int):
+    if not isinstance(policy, Every):
         raise TypeError(
-            f"remat must be None, a positive int (checkpoint every s steps), 'sqrt' or jaxbptt.Binomial(slots); "
-            f"got {remat!r} of type {type(remat).__name__}."
+            f"remat must be None, a positive int or jaxbptt.Every(steps), 'sqrt' or jaxbptt.Sqrt(), or "
+            f"jaxbptt.Binomial(slots); got {remat!r} of type {type(remat).__name__}."
         )
-    if remat < 1:
-        raise ValueError(f"remat must be a positive int (checkpoint every s steps); got remat={remat}.")
+    if isinstance(policy.steps, bool) or not isinstance(policy.steps, int) or policy.steps < 1:
+        raise ValueError(f"remat must be a positive int or jaxbptt.Every(steps) with an int steps >= 1 (checkpoint "
+                         f"every s steps); got remat={remat!r}.")
 
 
-def make_plan(length: int, remat, rows_per_step: int, elements_per_step: int = 0) -> Plan:
+def make_plan(length: int, remat, rows_per_step: int, elements_per_step: int = 0, store: Optional[bool] = None) -> Plan:
     """The schedule for a sequence of `length` steps whose carry has `rows_per_step` batch rows and
-    `elements_per_step` elements in all."""
+    `elements_per_step` elements in all. With `remat=None`, `store=False` keeps only each block's
+    starting carry and recomputes the block before reversing it (what is cheaper to recompute than
+    to store); `store=None` or True keeps every step's residuals."""
     validate_remat(remat)
-    remat = _canonical(remat)
+    remat = canonical_remat(remat)
     by_elements = _BLOCK_ELEMENTS // elements_per_step if elements_per_step else 0
     most = max(math.ceil(_TARGET_ROWS / max(rows_per_step, 1)), by_elements)
     block = min(most, math.ceil(length / _MIN_BLOCKS))
     block = _even_block(length, max(block, 1))
     if remat is None:
-        return Plan(length, _groups(length, block), store=True)
+        return Plan(length, _groups(length, block), store=store is not False)
     if isinstance(remat, Binomial):
-        groups = _groups(length, remat.block or block)
+        # The binomial schedule reverses C(slots + r, r) units with each unit re-run at most r times:
+        # r = 2 keeps the re-runs at about two forward passes in all.
+        fitted = math.ceil(length / math.comb(remat.slots + _BINOMIAL_REPETITIONS, _BINOMIAL_REPETITIONS))
+        groups = _groups(length, remat.block or min(block, fitted))
         units = sum(count for _, _, count in groups)
         schedule = binomial_schedule(units, remat.slots, tail=len(groups) > 1)
         if schedule.steps > _MOST_STEPS:
@@ -225,7 +242,7 @@ def make_plan(length: int, remat, rows_per_step: int, elements_per_step: int = 0
                 f"slots or a larger block."
             )
         return Plan(length, groups, store=False, schedule=schedule)
-    segment = math.ceil(math.sqrt(length)) if remat == "sqrt" else remat
+    segment = math.ceil(math.sqrt(length)) if isinstance(remat, Sqrt) else remat.steps
     return Plan(length, _groups(length, segment), store=False)
 
 

@@ -32,36 +32,6 @@ if TYPE_CHECKING:
     from .._core.options import Options
 
 
-class Truncation(NamedTuple):
-    """Static shape of a truncation option; `k1` and `k2` may be traced when `slots == 1`."""
-
-    slots: int  # number of carry adjoints alive at once
-    k1: Any
-    k2: Any
-    active: bool  # False when no step can cut (exact BPTT)
-
-
-EXACT = Truncation(slots=1, k1=1, k2=1, active=False)
-
-
-def truncation_spec(truncation, length: int) -> Truncation:
-    """Map a validated `truncation` option to the loop's slot layout for a sequence of `length`."""
-    if truncation is None or length == 0:
-        return EXACT
-    if isinstance(truncation, tuple):
-        k1, k2 = truncation
-        chunks = math.ceil(length / k1)
-        # Chunk j's window opens at t = (j + 1) * k1 - k2; a cut needs such a t in [1, T) with
-        # j < chunks. When one exists, chunks * k1 > k2, so ceil(k2 / k1) <= chunks.
-        first_cut = (-k2) % k1 or k1
-        if first_cut > min(length - 1, chunks * k1 - k2):
-            return EXACT
-        return Truncation(min(math.ceil(k2 / k1), chunks), k1, k2, True)
-    if isinstance(truncation, int):
-        return EXACT if truncation >= length else Truncation(1, truncation, truncation, True)
-    return Truncation(1, truncation, truncation, True)  # traced chunk length
-
-
 class Diagnostics(NamedTuple):
     """Per-step gradient-flow record of one reverse scan.
 
@@ -88,6 +58,8 @@ def _concat_time(pieces: list[PyTree]) -> PyTree:
 
 
 def _block_loss(loss_fn, ys, targets):
+    if loss_fn is None:  # no per-step loss (a loss of the final carry only)
+        return jnp.zeros((), jnp.float32)
     return jnp.sum(jax.vmap(loss_fn)(ys, targets))
 
 
@@ -98,9 +70,9 @@ def assert_finite(tree, message: str, **fmt) -> None:
         checkify.check(jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves])), message, **fmt)
 
 
-def _run_block(kernel: Kernel, params, consts, carry, xs_block, unroll, check_from=None):
-    """The block's forward steps; with `check_from` (the block's first step), each step's carry and
-    output are checked finite."""
+def _run_block(kernel: Kernel, params, consts, carry, xs_block, length: int, unroll, check_from=None):
+    """The block's `length` forward steps; with `check_from` (the block's first step), each step's
+    carry and output are checked finite."""
     us = kernel.project(params, xs_block)
 
     def one_step(c, inputs):
@@ -111,7 +83,6 @@ def _run_block(kernel: Kernel, params, consts, carry, xs_block, unroll, check_fr
                           t=check_from + j)
         return c, (out, res)
 
-    length = jax.tree.leaves(us)[0].shape[0]
     carry, (outs, res) = lax.scan(one_step, carry, (jnp.arange(length), us), unroll=unroll)
     return carry, outs, res
 
@@ -156,7 +127,7 @@ def forward(kernel: Kernel, params, consts, carry, xs, plan: Plan, opts: "Option
 
         def block_fn(c, i, start=start, block=block):
             t0 = start + i * block
-            c_end, outs, res = _run_block(kernel, params, consts, c, slice_time(xs, t0, block), opts.unroll,
+            c_end, outs, res = _run_block(kernel, params, consts, c, slice_time(xs, t0, block), block, opts.unroll,
                                           t0 if opts.check_finite else None)
             ys = kernel.post(params, outs)
             if loss is None:
@@ -176,20 +147,21 @@ def forward(kernel: Kernel, params, consts, carry, xs, plan: Plan, opts: "Option
     return carry, sum(jnp.sum(h) for h in heads), saved
 
 
-def _global_norm_per_slot(tree, axis_name=None) -> jax.Array:
-    """L2 norm over every leaf and axis but the leading slot axis, accumulated in >= float32; with
-    `axis_name`, also over the shards of a mapped (batch-split) axis.
+def global_norm(tree, keep: int = 1, axis_name=None) -> jax.Array:
+    """L2 norm over every leaf and every axis but the leading `keep` ones (one norm per slot, or per
+    slot and batch row), accumulated in >= float32; with `axis_name`, also over the shards of a
+    mapped (batch-split) axis.
 
     Scaled by the largest magnitude, so a norm that fits the dtype is finite even when its square
-    overflows (float32 squares overflow above ~1.8e19). A zero norm has a zero (not NaN) derivative,
-    so second derivatives through clipping stay finite where a cotangent is exactly zero.
+    overflows or underflows (float32 squares overflow above ~1.8e19). A complex leaf counts with
+    its modulus. A zero norm has a zero (not NaN) derivative, so second derivatives through
+    clipping stay finite where a cotangent is exactly zero.
     """
-    # A complex leaf (an LRU's carry, say) counts with its modulus.
     leaves = [jnp.abs(a) if jnp.iscomplexobj(a) else a for a in jax.tree.leaves(tree)]
     leaves = [a.astype(jnp.promote_types(a.dtype, jnp.float32)) for a in leaves]
     if not leaves:
-        return jnp.zeros((1,), jnp.float32)
-    per_leaf = lambda f: jnp.stack([f(a, axis=tuple(range(1, a.ndim))) for a in leaves])
+        return jnp.zeros((1,) * keep, jnp.float32)
+    per_leaf = lambda f: jnp.stack([f(a, axis=tuple(range(keep, a.ndim))) for a in leaves])
     scale = jnp.max(per_leaf(lambda a, axis: jnp.max(jnp.abs(a), axis=axis, initial=0)), axis=0)
     scale = lax.stop_gradient(scale if axis_name is None else lax.pmax(scale, axis_name))
     safe = jnp.where(scale > 0, scale, 1)
@@ -204,11 +176,8 @@ def _clip_norms(tree, scope: str, axis_name=None) -> jax.Array:
     (the global norm), (slots, batch) for scope "example" (one norm per row of the carry's leading
     batch axis; rows never span shards, so no reduction over `axis_name`)."""
     if scope == "batch":
-        return _global_norm_per_slot(tree, axis_name)
-    return jnp.sqrt(sum(
-        jnp.sum(jnp.square(a.astype(jnp.promote_types(a.dtype, jnp.float32))), axis=tuple(range(2, a.ndim)))
-        for a in jax.tree.leaves(tree)
-    ))
+        return global_norm(tree, 1, axis_name)
+    return global_norm(tree, 2)
 
 
 def _expand(mask, leaf):
@@ -217,14 +186,14 @@ def _expand(mask, leaf):
 
 def _adjoint_step(kernel, params, consts, out, prev_out, res, slots, ct_out, t, opts: "Options"):
     """One step of the reverse loop: slots hold the cotangents of carry_t, one per live window."""
-    trunc, clip_norm, axis_name = opts.trunc, opts.clip_norm, opts.axis_name
-    m = trunc.slots
+    trunc, clip_norm, axis_name = opts.truncation, opts.clip_norm, opts.axis_name
+    m = trunc.adjoints
     if m == 1:
         a = jax.tree.map(lambda s: s[0], slots)
         a_prev, local = kernel.backward(params, consts, out, prev_out, res, a, ct_out)
         a_prev = jax.tree.map(lambda x: x[None], a_prev)
     else:
-        own = jnp.arange(m) == (t // trunc.k1) % m  # the errors at t belong to t's own chunk
+        own = jnp.arange(m) == (t // trunc.chunk) % m  # the errors at t belong to t's own chunk
         ct_out_slots = jax.tree.map(lambda c: jnp.where(_expand(own, c[None]), c[None], 0).astype(c.dtype), ct_out)
         backward = jax.vmap(kernel.backward, in_axes=(None, None, None, None, None, 0, 0))
         a_prev, local_slots = backward(params, consts, out, prev_out, res, slots, ct_out_slots)
@@ -236,11 +205,11 @@ def _adjoint_step(kernel, params, consts, out, prev_out, res, slots, ct_out, t, 
     record = None
     if opts.diagnostics:
         total = a_prev if m == 1 else jax.tree.map(lambda x: jnp.sum(x, axis=0, keepdims=True), a_prev)
-        record = [_global_norm_per_slot(total, axis_name)[0], jnp.zeros((), bool)]
+        record = [global_norm(total, 1, axis_name)[0], jnp.zeros((), bool)]
     if trunc.active:
         # The window whose first step is t re-runs from stop_gradient(carry entering t).
-        opens = (t + trunc.k2) % trunc.k1 == 0
-        cut = (jnp.arange(m) == ((t + trunc.k2) // trunc.k1 - 1) % m) & opens & (t > 0)
+        opens = (t + trunc.window) % trunc.chunk == 0
+        cut = (jnp.arange(m) == ((t + trunc.window) // trunc.chunk - 1) % m) & opens & (t > 0)
         a_prev = jax.tree.map(lambda x: jnp.where(_expand(cut, x), jnp.zeros((), x.dtype), x), a_prev)
     if clip_norm is not None:
         norms = _clip_norms(a_prev, opts.clip_scope, axis_name)
@@ -280,7 +249,7 @@ class _Backward(NamedTuple):
         kernel, params, consts = self.kernel, self.params, self.consts
         xs_block = slice_time(self.xs, t0, length)
         if stored is None:
-            _, outs, res = _run_block(kernel, params, consts, carry_start, xs_block, self.opts.unroll)
+            _, outs, res = _run_block(kernel, params, consts, carry_start, xs_block, length, self.opts.unroll)
         else:
             outs, res = stored
         if self.loss is None:
@@ -336,7 +305,8 @@ def _revolve(bwd: _Backward, plan: Plan, saved: Saved, slots, acc):
     snaps = jax.tree.map(lambda c: jnp.zeros((schedule.slots,) + c.shape, c.dtype).at[0].set(c), carry0)
 
     def advance(carry, t0, slots, acc, buffers):
-        carry, _, _ = _run_block(bwd.kernel, bwd.params, bwd.consts, carry, slice_time(bwd.xs, t0, unit), bwd.opts.unroll)
+        carry, _, _ = _run_block(bwd.kernel, bwd.params, bwd.consts, carry, slice_time(bwd.xs, t0, unit), unit,
+                                 bwd.opts.unroll)
         return carry, slots, acc, buffers
 
     def reverse(length):
@@ -383,9 +353,9 @@ def backward(kernel: Kernel, params, consts, xs, saved: Saved, plan: Plan, opts:
       leaves), `diag` is None unless `opts.diagnostics`. `dparams` is accumulated in at least
       float32; `dcarry` holds float32 zeros for integer carry leaves.
     """
-    trunc = opts.trunc
-    m = trunc.slots
-    last_own = ((plan.length - 1) // trunc.k1) % m if m > 1 else 0
+    trunc = opts.truncation
+    m = trunc.adjoints
+    last_own = ((plan.length - 1) // trunc.chunk) % m if m > 1 else 0
     slots = jax.tree.map(
         lambda c: jnp.zeros((m,) + c.shape, c.dtype).at[last_own].set(c), ct_final
     )

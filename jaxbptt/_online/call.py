@@ -1,7 +1,6 @@
-"""The losses of an online call and its trace-time checks, shared by `online_grad`, `online` and
-`online_tbptt`: per-step losses `loss_fn(y_t, target_t)` (optional), a final loss
-`final_loss(final_carry)` (optional, at least one of the two), targets optional with no per-step
-loss (or a loss that reads none), a step that may return `y = None`."""
+"""What `online_grad`, `online` and `online_tbptt` share about a call: its losses (a per-step
+`loss_fn(y_t, target_t)`, a `final_loss(final_carry)`, or both, as in `value_and_grad`), its
+trace-time checks (those of `value_and_grad`'s call), and a stream that must keep its batch."""
 
 from __future__ import annotations
 
@@ -9,17 +8,14 @@ import jax
 import jax.numpy as jnp
 
 from .. import _validate as v
+from .._core import call as calls
 
 
-def check_losses(loss_fn, final_loss) -> None:
-    """Each loss None or callable, not both None."""
-    if loss_fn is not None:
-        v.check_callable("loss_fn", loss_fn)
+def losses(loss_fn, final_loss) -> calls.Loss:
+    """The call's losses, checked as `value_and_grad` checks them (not both None)."""
     if final_loss is not None:
         v.check_callable("final_loss", final_loss)
-    if loss_fn is None and final_loss is None:
-        raise ValueError("loss_fn=None and final_loss=None leave nothing to differentiate: pass loss_fn(y_t, target_t) "
-                         "(a loss per step), final_loss(final_carry) (a loss of the final carry), or both.")
+    return calls.make_loss(loss_fn, False, final_loss)
 
 
 def check_optimizer(name: str, optimizer) -> None:
@@ -28,37 +24,11 @@ def check_optimizer(name: str, optimizer) -> None:
                         f"such as optax.sgd(1e-3); got optimizer={optimizer!r}.")
 
 
-def _check_final_loss(final_loss, carry) -> jnp.dtype:
-    out = jax.eval_shape(final_loss, carry)
-    if not hasattr(out, "shape") or out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
-        raise ValueError("final_loss(final_carry) must return a float scalar (the loss of the final carry); got "
-                         f"{jax.tree.map(lambda s: f'{jnp.dtype(s.dtype).name}{list(s.shape)}', out)}.")
-    return out.dtype
-
-
-def step_targets(targets, length: int):
-    """`targets`, checked against the length of `xs` (None stays None: each step's target is None)."""
-    if targets is not None:
-        v.check_same_length("targets", targets, length)
-    return targets
-
-
-def check_stream(step, loss_fn, final_loss, params, carry, xs, targets):
-    """The trace-time checks of an online call; returns `(T, carry as arrays, loss dtype)`, the
-    loss dtype that of one step's loss and the final loss together (the summed loss keeps it)."""
-    length = v.time_length("xs", xs)
-    step_targets(targets, length)
-    carry = v.check_carry(step, params, carry, xs)
-    v.check_differentiable("params", params)
-    dtypes = []
-    if loss_fn is not None:
-        _, y = jax.eval_shape(step, params, carry, v.first_step(xs))
-        target = None if targets is None else v.first_step(targets)
-        v.check_loss(loss_fn, y, target)
-        dtypes.append(jax.eval_shape(loss_fn, y, target).dtype)
-    if final_loss is not None:
-        dtypes.append(_check_final_loss(final_loss, carry))
-    return length, carry, jnp.result_type(*dtypes)
+def check_stream(step, loss: calls.Loss, params, carry, xs, targets):
+    """`value_and_grad`'s trace-time checks of a call (time axes, targets None only without a
+    per-step loss, the carry, float params, scalar losses); returns the `Call`: its length, carry
+    as arrays and loss dtype (one step's loss and the final loss together)."""
+    return calls.prepare(step, params, carry, xs, targets, loss=loss)
 
 
 def per_step(loss_fn, loss_type):

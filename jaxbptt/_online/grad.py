@@ -22,9 +22,9 @@ from jax.flatten_util import ravel_pytree
 
 from .. import _validate as v
 from .._core.api import value_and_grad
-from .._core.unroll import unroll
 from .._types import LossFn, StepFn
-from .call import check_losses, check_stream, final_value, per_step
+from .._core import call as calls
+from .call import check_stream, losses, per_step
 from .perturb import PERTURBATIONS, sequence_grad
 from .structure import Sparse, examples, pattern, sparse_recursion
 
@@ -321,7 +321,7 @@ def online_grad(
       True
     """
     v.check_callable("step", step)
-    check_losses(loss_fn, final_loss)
+    spec = losses(loss_fn, final_loss)
     check_method(method)
     check_max_bytes(max_influence_bytes)
 
@@ -330,10 +330,13 @@ def online_grad(
             raise ValueError(f"online_grad with method=jb.{type(method).__name__}(...) needs key=jax.random.key(...) "
                              "(its random numbers); got key=None.")
         if isinstance(method, TBPTT):
-            return _truncated(step, loss_fn, final_loss, method, params, carry, xs, targets)
-        length, carry, loss_type = check_stream(step, loss_fn, final_loss, params, carry, xs, targets)
-        if length == 0:  # the final carry is the initial one, which the params do not reach
-            return (final_value(final_loss, carry, loss_type), carry), jax.tree.map(jnp.zeros_like, params)
+            return value_and_grad(step, loss_fn, truncation=(method.k1, method.k2), final_loss=final_loss)(
+                params, carry, xs, targets)
+        call = check_stream(step, spec, params, carry, xs, targets)
+        length, carry, loss_type = call.length, call.carry, call.loss_dtype
+        if length == 0:
+            result = calls.zero_length(call)
+            return (result.loss, result.final), result.grads[0]
         if isinstance(method, PERTURBATIONS):
             _floats_only("params", params)
             theta, unravel = ravel_pytree(params)
@@ -366,21 +369,3 @@ def _add_final(tracker, final_loss, trace, c, loss, grad):
         return loss, grad
     value, g_c = jax.value_and_grad(lambda cc: final_loss(tracker.unravel_carry(cc)))(c)
     return loss + value.astype(loss.dtype), grad + tracker.contract(trace, g_c)
-
-
-def _truncated(step, loss_fn, final_loss, method, params, carry, xs, targets):
-    """TBPTT(k1, k2): the reverse-scan engine's truncation; `jax.grad` through `unroll` where a final
-    loss or no per-step loss leaves `value_and_grad`'s per-step form."""
-    truncation = (method.k1, method.k2)
-    if final_loss is None and loss_fn is not None and targets is not None:
-        return value_and_grad(step, loss_fn, truncation=truncation)(params, carry, xs, targets)
-    length, carry, loss_type = check_stream(step, loss_fn, final_loss, params, carry, xs, targets)
-    step_loss = per_step(loss_fn, loss_type)
-
-    def loss(p):
-        final, ys = unroll(step, p, carry, xs, truncation=truncation)
-        per = jnp.sum(jax.vmap(step_loss)(ys, targets)) if loss_fn is not None and length else 0.0
-        return per + final_value(final_loss, final, loss_type), final
-
-    (value, final), grads = jax.value_and_grad(loss, has_aux=True)(params)
-    return (value, final), grads

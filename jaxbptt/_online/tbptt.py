@@ -13,8 +13,8 @@ from .._core import layout as _layout
 from .. import _validate as v
 from .._cells.combinators import masked
 from .._types import LossFn, PyTree, StepFn
-from .._core.unroll import unroll as _unroll
-from .call import avals, check_losses, check_optimizer, check_stream_shapes, step_targets
+from .._core.api import unroll as _unroll
+from .call import avals, check_optimizer, check_stream, check_stream_shapes, losses
 
 
 class OnlineState(NamedTuple):
@@ -126,7 +126,7 @@ def online_tbptt(
       1
     """
     v.check_callable("step", step)
-    check_losses(loss_fn, final_loss)
+    spec = losses(loss_fn, final_loss)
     check_optimizer("online_tbptt", optimizer)
     if isinstance(truncation, int) and not isinstance(truncation, bool):
         v.check_truncation(truncation)
@@ -193,13 +193,13 @@ def online_tbptt(
         xs = _layout.time_major(xs, time_axis)
         targets = None if targets is None else _layout.time_major(targets, time_axis, "targets")
         length = v.time_length("xs", xs)
-        step_targets(targets, length)
         if length % k1:
             raise ValueError(f"online_tbptt.update needs a number of steps that is a multiple of k1={k1}; xs has {length}.")
         if state.history is None:
             state = state._replace(history=empty_history(_layout.from_time_major(xs, time_axis)))
         check_history(state.history, xs)
         check_stream_shapes("online_tbptt.update", step, state.params, state.carry, xs)
+        check_stream(step, spec, state.params, state.carry, xs, targets)
         chunked = jax.tree.map(lambda a: a.reshape((length // k1, k1) + a.shape[1:]), (xs, targets))
         state, (losses, ys) = lax.scan(chunk_update, state, chunked)
         if not return_outputs:

@@ -14,7 +14,7 @@ from jax.flatten_util import ravel_pytree
 
 from .. import _validate as v
 from .._types import LossFn, PyTree, StepFn
-from .call import avals, check_losses, check_optimizer, check_stream, check_stream_shapes, final_value, per_step
+from .call import avals, check_optimizer, check_stream, check_stream_shapes, final_value, losses, per_step
 from .grad import (DEFAULT_MAX_INFLUENCE_BYTES, KEYED, TBPTT, SnAp, UORO, _add_final, check_influence,
                    check_max_bytes, check_method, make_tracker)
 from .perturb import PERTURBATIONS, estimate, init_population, particle_unroll, window
@@ -148,7 +148,7 @@ def online(
       (3, 4)
     """
     v.check_callable("step", step)
-    check_losses(loss_fn, final_loss)
+    spec = losses(loss_fn, final_loss)
     check_optimizer("online", optimizer)
     check_method(method)
     check_max_bytes(max_influence_bytes)
@@ -198,7 +198,8 @@ def online(
 
     def update(state: OnlineGradState, xs: PyTree, targets: Optional[PyTree] = None):
         check_stream_shapes("online.update", step, state.params, state.carry, xs)
-        length, carry, loss_type = check_stream(step, loss_fn, final_loss, state.params, state.carry, xs, targets)
+        call = check_stream(step, spec, state.params, state.carry, xs, targets)
+        length, carry, loss_type = call.length, call.carry, call.loss_dtype
         if length % every:
             raise ValueError(f"online.update needs a number of steps that is a multiple of update_every={every}; "
                              f"xs has {length}.")

@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from .. import _validate as v
 
@@ -43,7 +43,8 @@ def sharded_sweep(
 
     Returns:
       `swept(*args) -> outputs`, jit-compiled, with every output leaf stacked along axis 0 (one row
-      per configuration) and split over the mesh as the inputs are.
+      per configuration) and split over the mesh as the inputs are; ordinary arrays (the mesh's
+      axes are used as `AxisType.Auto`), so `outputs[0]` is the first configuration's result.
 
     Raises:
       ValueError: an `in_axes` entry other than 0 or None, an `axis_name` missing from the mesh; and,
@@ -61,6 +62,9 @@ def sharded_sweep(
         mesh = jax.make_mesh((jax.device_count(),), (axis_name,))
     if axis_name not in mesh.axis_names:
         raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh; its axes are {mesh.axis_names}.")
+    # Arrays split over Explicit mesh axes (jax.make_mesh's default) refuse plain indexing and reshapes
+    # (`outputs[0]` raises a ShardingTypeError); a sweep's results are read as ordinary arrays.
+    mesh = mesh.update(axis_types=(AxisType.Auto,) * len(mesh.axis_names))
     entries = in_axes if isinstance(in_axes, (tuple, list)) else None
     for axis in (entries if entries is not None else (in_axes,)):
         if axis is not None and (isinstance(axis, bool) or axis != 0):
