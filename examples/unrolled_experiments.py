@@ -130,9 +130,9 @@ def print_schedule(rows, grid) -> None:
           f"({r0['episodes'] * r0['T'] // r0['K']} Adam steps); the whole unroll's objective at theta0 = (-4, -4): "
           f"{float(schedule_objective(jnp.array([-4.0, -4.0]), r0['T'])):.2f}, its minimum on the grid "
           f"{best_value:.2f} at ({best[0]:.2f}, {best[1]:.2f})")
-    print(f"{'method':>15s} {'theta0':>7s} {'theta1':>7s} {'objective':>10s} {'seconds':>8s}")
+    print(f"{'method':>18s} {'theta0':>7s} {'theta1':>7s} {'objective':>10s} {'seconds':>8s}")
     for r in rows:
-        print(f"{r['method']:>15s} {r['theta'][0]:7.2f} {r['theta'][1]:7.2f} {r['objective']:10.2f} {r['seconds']:8.1f}")
+        print(f"{r['method']:>18s} {r['theta'][0]:7.2f} {r['theta'][1]:7.2f} {r['objective']:10.2f} {r['seconds']:8.1f}")
 
 
 def plot_schedule(rows, grid, path: str) -> None:
@@ -335,20 +335,19 @@ def hyper_problem(T: int = 100, batch: int = 16, hidden: int = 16, seed: int = 0
 
 
 def hyper_grad_fns(step, final_loss, weights0, batches, k: int = 10, pairs: int = 16, sigma: float = 0.05):
-    """Hypergradient functions `theta, key -> (meta-loss, grad)`: exact BPTT through `jb.unroll`
-    with `remat="sqrt"`, truncated BPTT(k), PES over windows of k, ES."""
+    """Hypergradient functions `theta, key -> (meta-loss, grad)`: exact BPTT with `remat="sqrt"`,
+    truncated BPTT(k) (both `jb.value_and_grad` with the validation loss as `final_loss`), PES over
+    windows of k and ES (`jb.online_grad`)."""
 
-    def through_unroll(**options):
-        def meta(theta):
-            final, _ = jb.unroll(step, theta, weights0, batches, **options)
-            return final_loss(final)
-        return lambda theta, key: jax.value_and_grad(meta)(theta)
+    def bptt(**options):
+        f = jb.value_and_grad(step, None, final_loss=final_loss, **options)
+        return lambda theta, key: (lambda out: (out[0][0], out[1]))(f(theta, weights0, batches))
 
     def estimator(method):
         f = jb.online_grad(step, None, method, final_loss=final_loss)
         return lambda theta, key: (lambda out: (out[0][0], out[1]))(f(theta, weights0, batches, key=key))
 
-    return {"exact BPTT (remat sqrt)": through_unroll(remat="sqrt"), f"TBPTT({k})": through_unroll(truncation=k),
+    return {"exact BPTT (remat sqrt)": bptt(remat="sqrt"), f"TBPTT({k})": bptt(truncation=k),
             f"PES (window {k})": estimator(jb.PES(sigma, pairs=pairs, window=k)), "ES": estimator(jb.ES(sigma, pairs))}
 
 
@@ -379,18 +378,20 @@ def hyper_experiment(meta_steps: int = 300, T: int = 100, k: int = 10, pairs: in
 
 def hyper_timing(T: int = 1000, repeats: int = 5) -> list[dict]:
     """One exact hypergradient through T inner steps: `jax.grad` through `lax.scan` against
-    jaxbptt's reverse scan (default memory, and `remat="sqrt"`), median of interleaved calls, with
-    XLA's temp memory."""
+    `jb.value_and_grad(step, None, final_loss=...)` (the default call, and `remat="sqrt"`), median
+    of interleaved calls, with XLA's temp memory."""
     step, final_loss, theta0, weights0, batches = hyper_problem(T)
 
     def scan_meta(theta):
-        return final_loss(lax.scan(lambda w, b: step(theta, w, b), weights0, batches)[0])
+        return jax.value_and_grad(lambda th: final_loss(lax.scan(lambda w, b: step(th, w, b), weights0, batches)[0]))(
+            theta)
 
-    def unroll_meta(**options):
-        return lambda theta: final_loss(jb.unroll(step, theta, weights0, batches, **options)[0])
+    def jaxbptt(**options):
+        f = jb.value_and_grad(step, None, final_loss=final_loss, **options)
+        return lambda theta: (lambda out: (out[0][0], out[1]))(f(theta, weights0, batches))
 
-    fns = {"jax.grad(lax.scan)": scan_meta, "jaxbptt": unroll_meta(), "jaxbptt remat sqrt": unroll_meta(remat="sqrt")}
-    compiled = {name: jax.jit(jax.value_and_grad(f)).lower(theta0).compile() for name, f in fns.items()}
+    fns = {"jax.grad(lax.scan)": scan_meta, "jaxbptt": jaxbptt(), "jaxbptt remat sqrt": jaxbptt(remat="sqrt")}
+    compiled = {name: jax.jit(f).lower(theta0).compile() for name, f in fns.items()}
     for c in compiled.values():
         jax.block_until_ready(c(theta0))
     times = {name: [] for name in compiled}
@@ -447,24 +448,15 @@ def plot_hyper(runs, path: str) -> None:
 
 
 def _exact_gradient(step, loss_fn, final_loss, params, carry, xs, targets):
-    """`jax.grad` through a plain `lax.scan` of the per-step losses plus the final loss."""
-
-    def total(p):
-        def body(c, inputs):
-            c, y = step(p, c, inputs[0])
-            return c, (loss_fn(y, inputs[1]) if loss_fn is not None else 0.0)
-
-        final, per_step = lax.scan(body, carry, (xs, targets))
-        return jnp.sum(per_step) + (final_loss(final) if final_loss is not None else 0.0)
-
-    return jax.jit(jax.grad(total))(params)
+    """Exact BPTT: `jb.value_and_grad` with the per-step and final losses."""
+    return jax.jit(jb.value_and_grad(step, loss_fn, final_loss=final_loss))(params, carry, xs, targets)[1]
 
 
 def estimator_table(keys: int = 200, balancing_T: int = 100, hyper_T: int = 100, k: int = 10, pairs: int = 16,
                     sigma_balancing: float = 0.01, sigma_hyper: float = 0.05, methods=None,
                     problems=("influence balancing", "hypergradient")) -> list[dict]:
-    """Each estimator's gradient at fixed parameters, over `keys` keys, against the exact gradient
-    (`jax.grad` through `lax.scan`), on influence balancing (theta = 0.5 from its fixed point, the
+    """Each estimator's gradient at fixed parameters, over `keys` keys, against exact BPTT's
+    (`jb.value_and_grad`, with the final loss), on influence balancing (theta = 0.5 from its fixed point, the
     per-step losses of `balancing_T` steps) and on the hypergradient problem (the validation loss
     after `hyper_T` SGD steps): the mean cosine of one estimate, the cosine of the mean, the
     relative error of the mean and the variance relative to the exact gradient's squared norm."""
