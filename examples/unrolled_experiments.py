@@ -49,7 +49,8 @@ from examples.online_experiments import balancing_problem, BALANCING_N
 
 
 def toy_loss(x):
-    return jnp.sqrt(x[0] ** 2 + 5) - jnp.sqrt(5.0) + jnp.sin(x[1]) ** 2 * jnp.exp(-5 * x[0] ** 2) + 0.25 * jnp.abs(x[1] - 100)
+    return (jnp.sqrt(x[0] ** 2 + 5) - jnp.sqrt(5.0) + jnp.sin(x[1]) ** 2 * jnp.exp(-5 * x[0] ** 2)
+            + 0.25 * jnp.abs(x[1] - 100))
 
 
 def schedule_problem(T: int = 100):
@@ -132,7 +133,8 @@ def print_schedule(rows, grid) -> None:
           f"{best_value:.2f} at ({best[0]:.2f}, {best[1]:.2f})")
     print(f"{'method':>18s} {'theta0':>7s} {'theta1':>7s} {'objective':>10s} {'seconds':>8s}")
     for r in rows:
-        print(f"{r['method']:>18s} {r['theta'][0]:7.2f} {r['theta'][1]:7.2f} {r['objective']:10.2f} {r['seconds']:8.1f}")
+        print(f"{r['method']:>18s} {r['theta'][0]:7.2f} {r['theta'][1]:7.2f} {r['objective']:10.2f} "
+              f"{r['seconds']:8.1f}")
 
 
 def plot_schedule(rows, grid, path: str) -> None:
@@ -414,17 +416,19 @@ def hyper_timing(T: int = 1000, repeats: int = 5) -> list[dict]:
 def print_hyper(runs, timing) -> None:
     for rows in runs:
         r0 = rows[0]
-        print(f"\n== hypergradients of SGD (log lr, log wd) on a 1-16-1 tanh MLP, T={r0['T']} inner steps, meta-objective "
-              f"the validation MSE of the final weights; {r0['meta_steps']} Adam meta-steps from log lr = log 0.05, "
+        print(f"\n== hypergradients of SGD (log lr, log wd) on a 1-16-1 tanh MLP, T={r0['T']} inner steps, "
+              f"meta-objective the validation MSE of the final weights; {r0['meta_steps']} Adam meta-steps from log lr = log 0.05, "
               "log wd = log 1e-3")
         print(f"{'method':>24s} {'final val MSE':>14s} {'log lr':>7s} {'log wd':>7s} {'seconds':>8s}")
         for r in rows:
-            print(f"{r['method']:>24s} {r['final']:14.4g} {r['theta'][0]:7.2f} {r['theta'][1]:7.2f} {r['seconds']:8.1f}")
+            print(f"{r['method']:>24s} {r['final']:14.4g} {r['theta'][0]:7.2f} {r['theta'][1]:7.2f} "
+                  f"{r['seconds']:8.1f}")
     print(f"\n-- one exact hypergradient through T={timing[0]['T']} steps (median of interleaved calls)")
     print(f"{'method':>20s} {'ms':>8s} {'x jax.grad':>10s} {'temp MB':>8s} {'max rel. grad diff':>19s}")
     base = timing[0]
     for r in timing:
-        print(f"{r['method']:>20s} {r['ms']:8.2f} {r['ms'] / base['ms']:10.2f} {r['temp_mb']:8.2f} {r['grad_error']:19.2e}")
+        print(f"{r['method']:>20s} {r['ms']:8.2f} {r['ms'] / base['ms']:10.2f} {r['temp_mb']:8.2f} "
+              f"{r['grad_error']:19.2e}")
 
 
 def plot_hyper(runs, path: str) -> None:
@@ -479,7 +483,8 @@ def estimator_table(keys: int = 200, balancing_T: int = 100, hyper_T: int = 100,
         rows.append({"problem": problem, "method": "exact BPTT", "cosine_one": 1.0, "cosine_mean": 1.0,
                      "error_mean": 0.0, "relative_variance": 0.0, "keys": keys})
         named = {f"TBPTT({k})": jb.TBPTT(k, k), "RTRL": jb.RTRL(), "UORO": jb.UORO(), "ES": jb.ES(sigma, pairs),
-                 f"PES (window {k})": jb.PES(sigma, pairs, window=k), f"NRES (window {k})": jb.NRES(sigma, pairs, window=k)}
+                 f"PES (window {k})": jb.PES(sigma, pairs, window=k),
+                 f"NRES (window {k})": jb.NRES(sigma, pairs, window=k)}
         for name, method in named.items():
             if methods is not None and name not in methods:
                 continue

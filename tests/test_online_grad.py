@@ -110,8 +110,9 @@ def test_snap_pattern_is_structural_for_relu_units_and_embeddings():
     ids, every row a token may select is in SnAp(2)'s pattern (a dense layer: SnAp(2) is RTRL)."""
     irnn = jb.elman(3, activation="relu", recurrent_init="identity")
     embedded = jb.with_readout(jb.embedding(jb.elman(3), 5, 2), 1)
-    cases = [(irnn.step, jb.SnAp(1), irnn.init(jax.random.key(0), 2, jnp.float64), irnn.initial_carry((4,), jnp.float64),
-              jax.random.normal(jax.random.key(10), (6, 4, 2)), jax.random.normal(jax.random.key(20), (6, 4, 3))),
+    cases = [(irnn.step, jb.SnAp(1), irnn.init(jax.random.key(0), 2, jnp.float64),
+              irnn.initial_carry((4,), jnp.float64), jax.random.normal(jax.random.key(10), (6, 4, 2)),
+              jax.random.normal(jax.random.key(20), (6, 4, 3))),
              (embedded.step, jb.SnAp(2), embedded.init(jax.random.key(0), 5, jnp.float64),
               embedded.initial_carry((2,), jnp.float64), jax.random.randint(jax.random.key(1), (5, 2), 0, 5),
               jax.random.normal(jax.random.key(2), (5, 2, 1)))]

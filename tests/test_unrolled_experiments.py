@@ -15,7 +15,8 @@ def test_experiments_smoke(tmp_path, capsys):
 
     def definitions():
         new, _ = step(theta, weights, (inputs[0], outputs[0]))
-        error = jnp.tanh(inputs[0] @ weights["W1"] + weights["b1"][None]) @ weights["W2"] + weights["b2"][None] - outputs[0]
+        hidden = jnp.tanh(inputs[0] @ weights["W1"] + weights["b1"][None])
+        error = hidden @ weights["W2"] + weights["b2"][None] - outputs[0]
         lr, wd = jnp.exp(theta)
         return (ex.toy_loss(jnp.array([0.0, 100.0])), ex.lorenz_targets(1)[0], new["b2"],
                 weights["b2"] - lr * (2 * jnp.mean(error) + wd * weights["b2"]))

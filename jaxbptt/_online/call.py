@@ -55,8 +55,8 @@ def check_stream_shapes(name: str, step, params, carry, xs) -> None:
     except (TypeError, ValueError) as err:
         shapes = jax.tree.map(lambda c: tuple(jnp.shape(c)), carry)
         raise ValueError(
-            f"{name}: step(params, state.carry, xs[0]) fails on this stream (error above). The state's carry has shapes "
-            f"{shapes}; xs[0] has shapes {jax.tree.map(lambda s: s.shape, v.first_step(xs))}. A stream keeps its batch "
-            "from one update to the next: to go on with another batch, start a new stream with "
+            f"{name}: step(params, state.carry, xs[0]) fails on this stream (error above). The state's carry has "
+            f"shapes {shapes}; xs[0] has shapes {jax.tree.map(lambda s: s.shape, v.first_step(xs))}. A stream keeps "
+            "its batch from one update to the next: to go on with another batch, start a new stream with "
             "reset(state, carry, xs) and a carry (and sample of xs) of the new batch."
         ) from err

@@ -338,10 +338,9 @@ def online_grad(
             result = calls.zero_length(call)
             return (result.loss, result.final), result.grads[0]
         if isinstance(method, PERTURBATIONS):
-            _floats_only("params", params)
             theta, unravel = ravel_pytree(params)
-            loss, carry, grad = sequence_grad(method, step, loss_fn, final_loss, theta, unravel, carry, xs,
-                                                   targets, key, length, loss_type)
+            loss, carry, grad = sequence_grad(method, step, loss_fn, final_loss, theta, unravel, carry, xs, targets,
+                                              key, length, loss_type)
             return (loss, carry), jax.tree.map(lambda g, p: g.astype(p.dtype), unravel(grad), params)
         tracker = make_tracker(step, per_step(loss_fn, loss_type), method, params, carry, v.first_step(xs),
                                max_influence_bytes=max_influence_bytes)
@@ -356,14 +355,14 @@ def online_grad(
 
         start = (tracker.init(theta, c), c, jnp.zeros((), loss_type), jnp.zeros_like(theta))
         (trace, c, loss, grad), _ = lax.scan(body, start, (xs, targets, keys))
-        loss, grad = _add_final(tracker, final_loss, trace, c, loss, grad)
+        loss, grad = final_through_influence(tracker, final_loss, trace, c, loss, grad)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), tracker.unravel_params(grad), params)
         return (loss, tracker.unravel_carry(c)), grads
 
     return online_grad_fn
 
 
-def _add_final(tracker, final_loss, trace, c, loss, grad):
+def final_through_influence(tracker, final_loss, trace, c, loss, grad):
     """The final loss of the flat carry `c` and its gradient through the influence `trace`."""
     if final_loss is None:
         return loss, grad

@@ -197,6 +197,15 @@ def estimate(method, weight, losses):
     return jnp.sum(weight * delta[:, None], axis=0) / (2 * pairs * method.sigma**2)
 
 
+def final_through_particles(method, final_loss, loss_type, ends, weight, loss, grad):
+    """A window's final loss: its value at the unperturbed end carry, and its estimate from every
+    particle's end carry with the window's weight."""
+    if final_loss is None:
+        return loss, grad
+    finals = jax.vmap(lambda c: final_value(final_loss, c, loss_type))(ends)
+    return loss + finals[0], grad + estimate(method, weight, finals)
+
+
 def particle_unroll(step, loss_fn, unravel, loss_type):
     """`unroll_losses(thetas, carries, xs, targets) -> (carries, losses)`: each particle's run over
     the steps of `xs`, its per-step losses summed in `loss_type`, vmapped over particles."""
@@ -241,7 +250,6 @@ def sequence_grad(method, step, loss_fn, final_loss, theta, unravel, carry, xs, 
         tail = jax.tree.map(lambda a: a[full * width:], (xs, targets))
         state, _ = one_window(state, (*tail, full * width))
     _, carry, loss, grad, weight, ends = state
-    if final_loss is not None:  # a loss of the last window: its particles' end carries, its weight
-        finals = jax.vmap(lambda c: final_value(final_loss, c, loss_type))(ends)
-        loss, grad = loss + finals[0], grad + estimate(method, weight, finals)
+    # the final loss is a loss of the last window
+    loss, grad = final_through_particles(method, final_loss, loss_type, ends, weight, loss, grad)
     return loss, carry, grad

@@ -14,10 +14,10 @@ from jax.flatten_util import ravel_pytree
 
 from .. import _validate as v
 from .._types import LossFn, PyTree, StepFn
-from .call import avals, check_optimizer, check_stream, check_stream_shapes, final_value, losses, per_step
-from .grad import (DEFAULT_MAX_INFLUENCE_BYTES, KEYED, TBPTT, SnAp, UORO, _add_final, check_influence,
-                   check_max_bytes, check_method, make_tracker)
-from .perturb import PERTURBATIONS, estimate, init_population, particle_unroll, window
+from .call import avals, check_optimizer, check_stream, check_stream_shapes, losses, per_step
+from .grad import (DEFAULT_MAX_INFLUENCE_BYTES, KEYED, TBPTT, SnAp, UORO, check_influence, check_max_bytes,
+                   check_method, final_through_influence, make_tracker)
+from .perturb import PERTURBATIONS, final_through_particles, init_population, particle_unroll, window
 from .tbptt import online_tbptt
 
 
@@ -184,12 +184,12 @@ def online(
 
     def init(params: PyTree, carry: PyTree, xs: Optional[PyTree] = None, key: Optional[jax.Array] = None):
         if isinstance(method, KEYED) and key is None:
-            raise ValueError(f"online with method=jb.{type(method).__name__}(...) needs init(..., key=jax.random.key(...)) "
-                             "(its random numbers); got key=None.")
+            raise ValueError(f"online with method=jb.{type(method).__name__}(...) needs "
+                             "init(..., key=jax.random.key(...)) (its random numbers); got key=None.")
         if isinstance(method, (SnAp, UORO)) and xs is None:
-            raise ValueError(f"online with method=jb.{type(method).__name__}(...) reads the step's structure from one step "
-                             "of the stream: pass init(params, carry, xs=sample) with a sample of the stream (only its "
-                             "shapes and dtypes are read); got xs=None.")
+            raise ValueError(f"online with method=jb.{type(method).__name__}(...) reads the step's structure from one "
+                             "step of the stream: pass init(params, carry, xs=sample) with a sample of the stream (only "
+                             "its shapes and dtypes are read); got xs=None.")
         if not perturbation:
             check_influence(method, params, carry, max_influence_bytes=max_influence_bytes)  # before any data
         carry = as_carry(params, carry, xs)
@@ -219,9 +219,7 @@ def online(
                 key = jax.random.fold_in(state.key, steps)
                 trace, c, loss, grad, weight, ends = window(
                     method, lambda th, cs: run(th, cs, xs_w, targets_w), theta, trace, c, key)
-                if final_loss is not None:
-                    finals = jax.vmap(lambda e: final_value(final_loss, e, loss_type))(ends)
-                    loss, grad = loss + finals[0], grad + estimate(method, weight, finals)
+                loss, grad = final_through_particles(method, final_loss, loss_type, ends, weight, loss, grad)
             else:
                 trace, c, loss, grad = _influence_window(tracker, theta, trace, c, xs_w, targets_w, steps, state.key,
                                                          loss_type)
@@ -246,15 +244,15 @@ def online(
 
         start = (trace, c, steps, jnp.zeros((), loss_type), jnp.zeros_like(theta))
         (trace, c, _, loss, grad), _ = lax.scan(one_step, start, (xs_w, targets_w))
-        loss, grad = _add_final(tracker, final_loss, trace, c, loss, grad)
+        loss, grad = final_through_influence(tracker, final_loss, trace, c, loss, grad)
         return trace, c, loss, grad
 
     def reset(state: OnlineGradState, carry: PyTree, xs: Optional[PyTree] = None) -> OnlineGradState:
         carry = as_carry(state.params, carry, xs)
         same = avals(carry) == avals(state.carry)
         if xs is None and not same and isinstance(method, (SnAp, UORO)):
-            raise ValueError(f"online.reset with a carry of another shape needs xs, a sample of the new stream, to read "
-                             f"jb.{type(method).__name__}'s structure: reset(state, carry, xs).")
+            raise ValueError(f"online.reset with a carry of another shape needs xs, a sample of the new stream, to "
+                             f"read jb.{type(method).__name__}'s structure: reset(state, carry, xs).")
         if xs is None and same and not perturbation:
             return state._replace(carry=carry, trace=jax.tree.map(jnp.zeros_like, state.trace))
         return state._replace(carry=carry, trace=new_trace(state.params, carry, xs))
