@@ -297,7 +297,7 @@ def test_online_tbptt_method_delegates():
     step, loss_fn, params, carry, xs, targets = problem("gru", T, B=2, D=3, H=3)
     trainer = jb.online(step, loss_fn, optax.sgd(0.1), jb.TBPTT(2, 4))
     ref = jb.online_tbptt(step, loss_fn, optax.sgd(0.1), truncation=(2, 4))
-    state, losses = trainer.update(trainer.init(params, carry), xs, targets)
+    state, losses = trainer.update(trainer.init(params, carry, xs), xs, targets)
     ref_state, ref_losses = ref.update(ref.init(params, carry), xs, targets)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-12)
     np.testing.assert_allclose(flat(state.params), flat(ref_state.params), rtol=1e-12)

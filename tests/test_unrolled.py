@@ -248,6 +248,8 @@ def test_errors():
             make(None)
     with pytest.raises(ValueError, match=r"jb.UORO\(...\) reads the step's structure .*xs=sample"):
         jb.online(linear_step, mse, optax.sgd(0.1), jb.UORO()).init(PARAMS, CARRY, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"jb.TBPTT\(k1, k2\) keeps the last k2 - k1 inputs: pass .*xs=sample"):
+        jb.online(linear_step, mse, optax.sgd(0.1), jb.TBPTT(1, 2)).init(PARAMS, CARRY)
     with pytest.raises(ValueError, match=r"window=3\) estimates one window per update; got update_every=2"):
         jb.online(linear_step, mse, optax.sgd(0.1), jb.PES(0.1, window=3), update_every=2)
     # a stream of another batch: an error naming the batch and reset, for both trainers

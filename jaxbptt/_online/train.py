@@ -112,8 +112,8 @@ def online(
       `Online(init, update, reset)`:
 
       - `init(params, carry, xs=None, key=None) -> state`: UORO, ES, PES and NRES need `key`;
-        SnAp and UORO read their structure from one step of the stream, so need `xs` (a sample:
-        only its shapes and dtypes are read).
+        SnAp and UORO read their structure from one step of the stream and TBPTT sizes its input
+        history from it, so they need `xs` (a sample: only its shapes and dtypes are read).
       - `update(state, xs, targets=None) -> (state, losses)`, `xs` and `targets` time-major with a
         length that is a multiple of `update_every`, `losses` of shape (T / update_every,): each
         window's summed (unperturbed) loss.
@@ -275,6 +275,10 @@ def _tbptt(step, loss_fn, optimizer, method: TBPTT, update_every, final_loss) ->
 
     def init(params, carry, xs=None, key=None):
         del key  # truncated BPTT is deterministic
+        if xs is None:  # online_tbptt would size its input history at the first update
+            raise ValueError("online with method=jb.TBPTT(k1, k2) keeps the last k2 - k1 inputs: pass "
+                             "init(params, carry, xs=sample) with a sample of the stream (only its shapes and dtypes "
+                             "are read), so that the state's structure is fixed from init; got xs=None.")
         return trainer.init(params, carry, xs)
 
     return Online(init, trainer.update, trainer.reset)
