@@ -12,8 +12,10 @@ import jaxbptt as jb
 from ._harness import _time, device_name
 from ._problems import make_problem, mse
 
+# the evolution strategies with 8 antithetic pairs: 17 forward runs, no backward pass
 METHODS = {"BPTT": None, "TBPTT(10)": jb.TBPTT(10, 10), "UORO": jb.UORO(), "SnAp-1": jb.SnAp(1),
-           "SnAp-2": jb.SnAp(2), "RTRL": jb.RTRL()}
+           "SnAp-2": jb.SnAp(2), "RTRL": jb.RTRL(), "ES x8": jb.ES(0.01, pairs=8),
+           "PES x8": jb.PES(0.01, pairs=8, window=10), "NRES x8": jb.NRES(0.01, pairs=8, window=10)}
 
 
 def _compiled(problem, method):

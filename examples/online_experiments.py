@@ -5,7 +5,9 @@
    diagonal and the superdiagonal), `v` = (+1 x 10, -1 x 13) and the loss `(s_{t+1}[0] - 1)^2 / 2`.
    A rise of `theta` raises `s[0]` within a few steps but lowers it in the long run
    (`s*[0] = -6 theta` at the fixed point): truncated BPTT with a short truncation sees only the
-   short-term influence and drives theta the wrong way, while RTRL and UORO find theta = -1/6.
+   short-term influence and drives theta the wrong way, while RTRL and UORO find theta = -1/6; so
+   do the unbiased evolution strategies PES and NRES (Vicol et al. 2021), where truncated ES, like
+   truncated BPTT, does not.
 2. A gradient-quality table in the manner of Menick et al. 2021 and Marschall et al. 2020: for
    small Elman and GRU models, the cosine similarity of each method's gradient with exact BPTT's,
    the time per step and the XLA temp memory of the compiled gradient.
@@ -50,13 +52,15 @@ def balancing_problem(n: int = BALANCING_N, positive: int = BALANCING_POSITIVE):
 
 
 BALANCING_METHODS = {"TBPTT(1)": jb.TBPTT(1, 1), "TBPTT(5)": jb.TBPTT(5, 5), "TBPTT(20)": jb.TBPTT(20, 20),
-                     "RTRL": jb.RTRL(), "UORO": jb.UORO()}
+                     "RTRL": jb.RTRL(), "UORO": jb.UORO(), "ES (truncated)": jb.ES(0.1, pairs=100),
+                     "PES": jb.PES(0.1, pairs=100), "NRES": jb.NRES(0.1, pairs=100)}
 
 
 def influence_balancing(steps: int = 30_000, learning_rate: float = 1e-5, seeds: int = 4,
                         methods=tuple(BALANCING_METHODS)) -> list[dict]:
     """Online SGD on theta along one stream (an update every step; every k steps for TBPTT(k))
-    from theta = 0.5, with each method: the final theta over `seeds` keys (UORO's randomness; the
+    from theta = 0.5, with each method: the final theta over `seeds` keys (the randomness of UORO
+    and of the evolution strategies, 100 antithetic pairs at sigma 0.1, one step per window; the
     others are deterministic) and its largest distance to theta* = -1/6."""
     step, loss_fn, theta_star = balancing_problem()
     params, carry = {"theta": jnp.array(0.5, jnp.float32)}, jnp.ones((BALANCING_N,), jnp.float32)
@@ -69,7 +73,7 @@ def influence_balancing(steps: int = 30_000, learning_rate: float = 1e-5, seeds:
         trainer = jb.online(step, loss_fn, optax.sgd(learning_rate), method)
 
         def run(key):
-            state, losses = trainer.update(trainer.init(params, carry, key=key), xs, targets)
+            state, losses = trainer.update(trainer.init(params, carry, xs, key=key), xs, targets)
             return state.params["theta"], losses[-1] / every
 
         thetas, last = jax.jit(jax.vmap(run))(jax.random.split(jax.random.key(0), seeds))
@@ -215,9 +219,9 @@ def print_balancing(rows) -> None:
     r0 = rows[0]
     print(f"\n== influence balancing (Tallec & Ollivier 2017): theta* = {r0['theta_star']:.4f}, start 0.5, "
           f"{r0['steps']} steps of online SGD at learning rate {r0['learning_rate']:g}, {r0['seeds']} seeds")
-    print(f"{'method':>10s} {'mean theta':>12s} {'max |theta - theta*|':>21s} {'last step loss':>15s}")
+    print(f"{'method':>14s} {'mean theta':>12s} {'max |theta - theta*|':>21s} {'last step loss':>15s}")
     for r in rows:
-        print(f"{r['method']:>10s} {r['theta']:12.4g} {r['error']:21.4g} {r['last_loss']:15.3e}")
+        print(f"{r['method']:>14s} {r['theta']:12.4g} {r['error']:21.4g} {r['last_loss']:15.3e}")
 
 
 def print_quality(rows) -> None:

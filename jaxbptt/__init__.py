@@ -33,6 +33,9 @@ from ._engine.kernel import Step as Step
 from ._online.tbptt import OnlineState as OnlineState
 from ._parallel.data_parallel import data_parallel as data_parallel
 from ._online.tbptt import OnlineTBPTT as OnlineTBPTT
+from ._online.perturb import ES as ES
+from ._online.perturb import NRES as NRES
+from ._online.perturb import PES as PES
 from ._online.grad import RTRL as RTRL
 from ._online.grad import SnAp as SnAp
 from ._online.grad import TBPTT as TBPTT
@@ -69,13 +72,16 @@ __all__ = [
     "Cell",
     "DeerInfo",
     "Diagnostics",
+    "ES",
     "Every",
     "Kernel",
     "LSTMState",
+    "NRES",
     "Online",
     "OnlineGradState",
     "OnlineState",
     "OnlineTBPTT",
+    "PES",
     "RTRL",
     "ReverseScan",
     "SnAp",

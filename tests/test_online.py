@@ -11,9 +11,9 @@ import jaxbptt as jb
 from steps import problem
 
 
-def reference_online(step, loss_fn, optimizer, k1, k2, params, carry, xs, targets):
+def reference_online(step, loss_fn, optimizer, k1, k2, params, carry, xs, targets, final_loss=None):
     """Chunk by chunk: re-run the window from the carry the previous window computed, update params.
-    The losses are per step: each chunk's summed loss over k1."""
+    The losses are per step: each chunk's summed loss (and final loss of its last carry) over k1."""
     T = xs.shape[0]
     opt_state = optimizer.init(params)
     start_carry, losses = carry, []
@@ -27,7 +27,7 @@ def reference_online(step, loss_fn, optimizer, k1, k2, params, carry, xs, target
                 after[t] = c
                 if t >= j * k1:
                     total = total + loss_fn(y, targets[t])
-            return total, after
+            return total + (final_loss(c) if final_loss else 0.0), after
 
         (loss, after), grads = jax.value_and_grad(window_loss, has_aux=True)(params)
         next_start = s + k1
@@ -38,12 +38,13 @@ def reference_online(step, loss_fn, optimizer, k1, k2, params, carry, xs, target
     return params, jnp.stack(losses)
 
 
-@pytest.mark.parametrize("k1, k2", [(3, 7), (4, 4), (2, 9)])
-def test_matches_python_loop(k1, k2):
+@pytest.mark.parametrize("k1, k2, final_loss", [(3, 7, None), (4, 4, None), (2, 9, lambda h: jnp.sum(h**2))])
+def test_matches_python_loop(k1, k2, final_loss):
     step, loss_fn, params, carry, xs, targets = problem("gru", T=12)  # whole chunks; windows reach before step 0
-    trainer = jb.online_tbptt(step, loss_fn, optax.adam(0.05), truncation=(k1, k2))
+    trainer = jb.online_tbptt(step, loss_fn, optax.adam(0.05), truncation=(k1, k2), final_loss=final_loss)
     state, losses = jax.jit(trainer.update)(trainer.init(params, carry), xs, targets)
-    ref_params, ref_losses = reference_online(step, loss_fn, optax.adam(0.05), k1, k2, params, carry, xs, targets)
+    ref_params, ref_losses = reference_online(step, loss_fn, optax.adam(0.05), k1, k2, params, carry, xs, targets,
+                                              final_loss)
     chex.assert_trees_all_close(losses, ref_losses, rtol=1e-10)
     chex.assert_trees_all_close(state.params, ref_params, rtol=1e-10, atol=1e-12)
     assert int(state.chunks) == xs.shape[0] // k1

@@ -8,7 +8,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import jaxbptt as jb
-from jaxbptt._online import grad as _online_grad, structure as _online_structure
+from jax import lax
+from jaxbptt._online import grad as _online_grad, sparsity as _online_sparsity, structure as _online_structure
 from steps import mse, problem, scan_loss
 
 T = 8
@@ -101,6 +102,54 @@ def test_snap_pattern_is_found_from_the_step():
         expected = np.concatenate([(band[:, :, None] & reach[None]).reshape(H * H, H), np.zeros((H, H), bool),
                                    np.broadcast_to(reach[None], (2, H, H)).reshape(2 * H, H)])
         np.testing.assert_array_equal(mask, expected)
+
+
+def test_snap_pattern_is_structural_for_relu_units_and_embeddings():
+    """An IRNN at initialisation (ReLU, identity recurrence: a diagonal carry Jacobian) has units
+    inactive at every generic point; SnAp(1) must still equal BPTT. Through an embedding of integer
+    ids, every row a token may select is in SnAp(2)'s pattern (a dense layer: SnAp(2) is RTRL)."""
+    irnn = jb.elman(3, activation="relu", recurrent_init="identity")
+    embedded = jb.with_readout(jb.embedding(jb.elman(3), 5, 2), 1)
+    cases = [(irnn.step, jb.SnAp(1), irnn.init(jax.random.key(0), 2, jnp.float64),
+              irnn.initial_carry((4,), jnp.float64), jax.random.normal(jax.random.key(10), (6, 4, 2)),
+              jax.random.normal(jax.random.key(20), (6, 4, 3))),
+             (embedded.step, jb.SnAp(2), embedded.init(jax.random.key(0), 5, jnp.float64),
+              embedded.initial_carry((2,), jnp.float64), jax.random.randint(jax.random.key(1), (5, 2), 0, 5),
+              jax.random.normal(jax.random.key(2), (5, 2, 1)))]
+    for step, method, params, carry, xs, targets in cases:
+        (_, _), snap = online(step, mse, method)(params, carry, xs, targets)
+        np.testing.assert_allclose(flat(snap), flat(exact(step, mse, params, carry, xs, targets)[1]), rtol=1e-9,
+                                   atol=1e-12)
+
+
+def test_structural_surrogates_reach_every_input():
+    """At a point where ReLUs, `where`, a lookup, a sort, a branch and a loop hide dependencies,
+    the structural surrogate's Jacobian has every entry the function's can have somewhere."""
+    @jax.custom_vjp
+    def straight_through(x):
+        return jnp.round(x)
+
+    straight_through.defvjp(lambda x: (jnp.round(x), None), lambda _, g: (g,))
+
+    def f(x, i):
+        relu = lambda h: jnp.maximum(h, 0.0)
+        return jnp.concatenate([
+            jnp.where(x[0:3] > 0, x[0:3], 0.0), jax.nn.relu(x[3:6]), x[6:9][i][None], jnp.sort(x[9:12]),
+            lax.cond(i > 0, lambda: 2 * x[12:15], lambda: jnp.zeros(3)),
+            lax.scan(lambda h, _: (relu(h), None), x[15:18], None, length=2)[0],
+            straight_through(x[18:20]), (x[20:22] > 0) * x[20:22]])
+
+    x, i = -jnp.ones(22), jnp.asarray(0)
+    blocks = [np.eye(3)] * 2 + [np.ones((1, 3)), np.ones((3, 3))] + [np.eye(3)] * 2 + [np.ones((2, 2)), np.eye(2)]
+    expected = np.zeros((20, 22), bool)
+    row = col = 0
+    for b in blocks:
+        expected[row:row + b.shape[0], col:col + b.shape[1]] = b
+        row, col = row + b.shape[0], col + b.shape[1]
+    np.testing.assert_array_equal(jax.jit(jax.jacrev(_online_sparsity.structural(f)))(x, i) != 0, expected)
+    assert not np.array_equal(jax.jit(jax.jacrev(f))(x, i) != 0, expected)  # the plain Jacobian misses entries here
+    with pytest.raises(ValueError, match="while_loop whose trip count may depend on the data"):
+        jax.jacrev(_online_sparsity.structural(lambda h: lax.while_loop(lambda c: c[0] < 3, lambda c: c + 1, h)))(x)
 
 
 @pytest.mark.parametrize("name", ["elman", "two_layer"])
@@ -202,7 +251,7 @@ def test_online_two_halves_equal_the_whole():
     method = jb.UORO()  # the path of every method, with the key folded by the step count
     step, loss_fn, params, carry, xs, targets = problem("elman", T, B=2, D=3, H=3)
     trainer = jb.online(step, loss_fn, optax.adam(0.01), method, update_every=2)
-    state = trainer.init(params, carry, key=jax.random.key(3))
+    state = trainer.init(params, carry, xs, key=jax.random.key(3))
     update = jax.jit(trainer.update)
     whole, losses = update(state, xs, targets)
     half, first = update(state, xs[:4], targets[:4])
@@ -217,7 +266,7 @@ def test_online_vmaps_over_seeds_and_learning_rates():
     trainer = jb.online(step, loss_fn, optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), jb.UORO(), update_every=4)
 
     def run(key, lr):
-        state = trainer.init(params, carry, key=key)
+        state = trainer.init(params, carry, xs, key=key)
         state = state._replace(opt_state=state.opt_state._replace(hyperparams={"learning_rate": lr}))
         return trainer.update(state, xs, targets)
 
@@ -248,7 +297,7 @@ def test_online_tbptt_method_delegates():
     step, loss_fn, params, carry, xs, targets = problem("gru", T, B=2, D=3, H=3)
     trainer = jb.online(step, loss_fn, optax.sgd(0.1), jb.TBPTT(2, 4))
     ref = jb.online_tbptt(step, loss_fn, optax.sgd(0.1), truncation=(2, 4))
-    state, losses = trainer.update(trainer.init(params, carry), xs, targets)
+    state, losses = trainer.update(trainer.init(params, carry, xs), xs, targets)
     ref_state, ref_losses = ref.update(ref.init(params, carry), xs, targets)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-12)
     np.testing.assert_allclose(flat(state.params), flat(ref_state.params), rtol=1e-12)

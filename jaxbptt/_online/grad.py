@@ -1,16 +1,18 @@
-"""`online_grad`: gradients computed forward in time beside BPTT -- RTRL, SnAp-n and UORO.
+"""`online_grad`: gradients computed forward in time beside BPTT -- RTRL, SnAp-n and UORO, and the
+perturbation estimators ES, PES and NRES (`perturb.py`).
 
-Each method carries forward an estimate of the influence `J_t = d carry_t / d params` and adds, at
-every step, `dL_t/dparams ~= dL_t/dparams|immediate + dL_t/dcarry_{t-1} . J_{t-1}`. Parameters and
-carries of any pytree structure are flattened with `ravel_pytree`: the carry is one vector
-(batch included), so RTRL's influence has |carry| rows -- for a carry of B examples of H units,
-B blocks of H x |params|, one per example, since examples do not interact. SnAp stores only its
-pattern's entries where that is cheaper; UORO keeps one rank-one estimate per example.
+Each influence method carries forward an estimate of the influence `J_t = d carry_t / d params`
+and adds, at every step, `dL_t/dparams ~= dL_t/dparams|immediate + dL_t/dcarry_{t-1} . J_{t-1}`
+(and, for a final loss, `dF/dcarry_T . J_T`). Parameters and carries of any pytree structure are
+flattened with `ravel_pytree`: the carry is one vector (batch included), so RTRL's influence has
+|carry| rows -- for a carry of B examples of H units, B blocks of H x |params|, one per example,
+since examples do not interact. SnAp stores only its pattern's entries where that is cheaper; UORO
+keeps one rank-one estimate per example.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +21,12 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from .. import _validate as v
-from .._core.api import check_call, loss_dtype, value_and_grad, zero_length_result
-from .._online.structure import Sparse, examples, pattern, sparse_recursion
+from .._core.api import value_and_grad
 from .._types import LossFn, StepFn
+from .._core import call as calls
+from .call import check_stream, losses, per_step
+from .perturb import PERTURBATIONS, sequence_grad
+from .structure import Sparse, examples, pattern, sparse_recursion
 
 DEFAULT_MAX_INFLUENCE_BYTES = 2**30
 
@@ -39,11 +44,12 @@ class SnAp(NamedTuple):
     steps of the recursion from zero influence, `J_t = M_n * (D_t J_{t-1} + I_t)`.
 
     The pattern `M_n` is found from the step itself, at trace time: the structural non-zeros of the
-    immediate Jacobian `I` and of the carry Jacobian `D` at `draws` generic points (small
-    deterministic params, carries and float inputs, so nothing saturates; OR'ed, so piecewise-linear
-    steps such as ReLU do not lose entries by chance), then `M_1 = pattern(I)`,
+    immediate Jacobian `I` and of the carry Jacobian `D`, read from the step's operations (a ReLU
+    unit, a `where`, an embedding lookup by integer ids count with every input they can reach for
+    some data, whatever the data at hand; a `custom_vjp` function as dense; a `while_loop` on the
+    carry is refused) and evaluated at `draws` small deterministic generic points, OR'ed, against
+    entries that vanish at one point by chance; then `M_1 = pattern(I)`,
     `M_{k+1} = M_1 | M_k pattern(D)^T`. SnAp(1) equals RTRL when the carry Jacobian is diagonal.
-    Flag and index inputs are taken as 0 and 1 in turn: one-hot an input that indexes an embedding.
 
     Where it is cheaper (SnAp(1) on a dense layer: each parameter reaches its own unit), only the
     pattern's entries are stored (for an Elman layer of H units with D inputs, H x (H + D + 1) per
@@ -95,12 +101,14 @@ class TBPTT(NamedTuple):
     k2: int
 
 
-METHODS = (RTRL, SnAp, UORO, TBPTT)
+METHODS = (RTRL, SnAp, UORO, TBPTT) + PERTURBATIONS
+KEYED = (UORO,) + PERTURBATIONS  # the methods that draw random numbers
 
 
 def check_method(method) -> None:
     if not isinstance(method, METHODS):
-        raise TypeError(f"method must be one of jb.RTRL(), jb.SnAp(n), jb.UORO(), jb.TBPTT(k1, k2); got {method!r}.")
+        raise TypeError("method must be one of jb.RTRL(), jb.SnAp(n), jb.UORO(), jb.TBPTT(k1, k2), jb.ES(sigma), "
+                        f"jb.PES(sigma), jb.NRES(sigma); got {method!r}.")
     if isinstance(method, SnAp):
         for name in ("n", "draws"):
             value = getattr(method, name)
@@ -120,11 +128,14 @@ def check_max_bytes(max_influence_bytes) -> None:
 class Tracker(NamedTuple):
     """A method's forward recursion over flat params `theta` and flat carry `c`:
     `trace = init(theta, c)`, `trace, c, loss, g = advance(theta, trace, c, x, target, key)`;
-    `unravel_*` convert the flat vectors back to pytrees. The trace is a pytree of float arrays
-    whose zero is the state of a new sequence; index tables are static, closed over."""
+    `contract(trace, g_c)` is `g_c . J`, the gradient of a loss of the current carry whose
+    gradient with respect to the flat carry is `g_c`; `unravel_*` convert the flat vectors back
+    to pytrees. The trace is a pytree of float arrays whose zero is the state of a new sequence;
+    index tables are static, closed over."""
 
     init: Callable
     advance: Callable
+    contract: Callable
     unravel_params: Callable
     unravel_carry: Callable
 
@@ -175,13 +186,17 @@ def make_tracker(step, loss_fn, method, params, carry, x, *, max_influence_bytes
             return new, loss_fn(y, target)
         return f
 
+    def dense_contract(influence, g_c):
+        return (influence @ g_c.astype(influence.dtype)).astype(theta0.dtype)
+
     if isinstance(method, (RTRL, SnAp)):
         mask = None
         if isinstance(method, SnAp):
             mask, carry_pattern = pattern(flat_step, method.n, method.draws, theta0, c0, x)
             sparse = Sparse.build(mask, carry_pattern)
             if sparse.cheaper_than_dense():
-                return Tracker(*sparse_recursion(flat_step, step_and_loss, sparse), unravel_params, unravel_carry)
+                init, advance, contract = sparse_recursion(flat_step, step_and_loss, sparse)
+                return Tracker(init, advance, contract, unravel_params, unravel_carry)
 
         def rtrl_advance(theta, influence, c, x, target, key):
             (new, loss), lin = jax.linearize(step_and_loss(x, target), theta, c)
@@ -193,7 +208,7 @@ def make_tracker(step, loss_fn, method, params, carry, x, *, max_influence_bytes
             # inputs of a wider dtype than params or carry must not widen the recursion's state
             return new_influence.astype(influence.dtype), new, loss, grad.astype(theta.dtype)
 
-        return Tracker(lambda theta, c: jnp.zeros((n_params, n_carry), c.dtype), rtrl_advance,
+        return Tracker(lambda theta, c: jnp.zeros((n_params, n_carry), c.dtype), rtrl_advance, dense_contract,
                        unravel_params, unravel_carry)
 
     ids, n_blocks = examples(flat_step, carry, theta0, c0, x)
@@ -205,12 +220,16 @@ def make_tracker(step, loss_fn, method, params, carry, x, *, max_influence_bytes
     def uoro_init(theta, c):
         return jnp.zeros_like(c), jnp.zeros((n_blocks, theta.size), theta.dtype)
 
+    def uoro_contract(trace, g_c):
+        s, th = trace
+        return (jax.ops.segment_sum(g_c * s, ids, n_blocks) @ th).astype(theta0.dtype)
+
     def uoro_advance(theta, trace, c, x, target, key):
         s, th = trace
         eps = method.eps
         (new, loss), vjp = jax.vjp(step_and_loss(x, target), theta, c)
         g_theta, g_c = vjp((jnp.zeros_like(new), jnp.ones_like(loss)))
-        grad = (g_theta + jax.ops.segment_sum(g_c * s, ids, n_blocks) @ th).astype(theta.dtype)
+        grad = (g_theta + uoro_contract(trace, g_c)).astype(theta.dtype)
         _, s_new = jax.jvp(lambda cc: flat_step(theta, cc, x)[0], (c,), (s,))
         nu = jax.random.rademacher(key, c.shape, c.dtype)
         # each example's own nu^T I_t: one reverse pass per example (the step mixes the batch's
@@ -222,47 +241,65 @@ def make_tracker(step, loss_fn, method, params, carry, x, *, max_influence_bytes
         th = (th / rho0[:, None] + d_theta / rho1[:, None]).astype(th.dtype)
         return (s, th), new, loss, grad
 
-    return Tracker(uoro_init, uoro_advance, unravel_params, unravel_carry)
+    return Tracker(uoro_init, uoro_advance, uoro_contract, unravel_params, unravel_carry)
 
 
 def online_grad(
     step: StepFn,
-    loss_fn: LossFn,
+    loss_fn: Optional[LossFn],
     method,
     *,
+    final_loss: Optional[Callable] = None,
     max_influence_bytes: int = DEFAULT_MAX_INFLUENCE_BYTES,
 ) -> Callable:
     """The sequence loss and an online estimate of its parameter gradient, computed forward in time.
 
-    With the parameters held fixed over the sequence, returns `sum_t g_t`, where `g_t` is the
-    method's estimate of `dL_t/dparams` formed at step t from what is known at step t::
+    The loss is `L = sum_t loss_fn(y_t, target_t) + final_loss(final_carry)` (either part may be
+    left out). With the parameters held fixed over the sequence, the influence methods return
+    `sum_t g_t + g_F`, where `g_t` is the method's estimate of `dL_t/dparams` formed at step t from
+    what is known at step t and `g_F = dF/dcarry_T . influence_T` that of the final loss::
 
       trace = zero influence; g = 0
       for t in range(T):
         carry, y_t = step(params, carry, xs[t])
         g += dL_t/dparams|immediate + dL_t/dcarry_{t-1} . influence_{t-1}  (the method's estimate)
         trace = the method's influence update
+      g += dF/dcarry_T . influence_T
 
     `jb.RTRL()` gives exact BPTT's gradient; `jb.SnAp(n)` a sparse approximation; `jb.UORO()` an
-    unbiased rank-one estimate (needs `key`); `jb.TBPTT(k1, k2)` is `value_and_grad(...,
-    truncation=(k1, k2))`, for comparison under one API. Time is the leading axis of `xs` and
+    unbiased rank-one estimate; `jb.TBPTT(k1, k2)` is `value_and_grad(..., truncation=(k1, k2))`
+    (the final loss an error of the last chunk), for comparison under one API. The perturbation
+    estimators `jb.ES(sigma, pairs)`, `jb.PES(sigma, pairs, window)`, `jb.NRES(sigma, pairs, window)`
+    evaluate the step forward only, `2 pairs + 1` runs vmapped (the loss and final carry returned
+    are the unperturbed run's): ES over the whole sequence; PES and NRES window by window (see their
+    docstrings), the final loss counted in the last window. Time is the leading axis of `xs` and
     `targets`.
 
     Args:
-      step, loss_fn: as in `jaxbptt.value_and_grad`; params and carry leaves must be floats.
-      method: `jb.RTRL()`, `jb.SnAp(n)`, `jb.UORO()` or `jb.TBPTT(k1, k2)`.
+      step: `step(params, carry, x) -> (carry, y)`; `y` may be None when `loss_fn` is None. For the
+        influence methods params and carry leaves must be floats; the perturbation estimators
+        need float params only, and never differentiate the step (rounding or sampling inside it
+        is fine).
+      loss_fn: `loss_fn(y_t, target_t) -> scalar`, or None for no per-step loss.
+      method: `jb.RTRL()`, `jb.SnAp(n)`, `jb.UORO()`, `jb.TBPTT(k1, k2)`, `jb.ES(...)`,
+        `jb.PES(...)` or `jb.NRES(...)`.
+      final_loss: `final_loss(final_carry) -> scalar`, a loss of the carry after the last step
+        (the meta-objective of an unrolled optimisation: the validation loss of trained weights);
+        None for none. `loss_fn` and `final_loss` cannot both be None.
       max_influence_bytes: RTRL and SnAp refuse (ValueError, with the size) a step whose influence
         matrix, |carry| x |params| entries plus the |params| x |params| identity its forward-mode
         columns start from, would exceed this many bytes (default 1 GiB).
 
     Returns:
-      A function `(params, carry, xs, targets, key=None) -> ((loss, final_carry), grads)`, `grads`
-      shaped like `params`.
+      A function `(params, carry, xs, targets=None, key=None) -> ((loss, final_carry), grads)`,
+      `grads` shaped like `params`; `targets` may be None (then each step's target is None);
+      UORO, ES, PES and NRES need `key`.
 
     Raises:
-      TypeError / ValueError: at trace time, for a method that is not one of the four, a UORO call
-        without `key`, an influence above `max_influence_bytes`, non-float params or carry leaves,
-        and the checks of `value_and_grad`.
+      TypeError / ValueError: at trace time, for a method that is not one of these, a random
+        method called without `key`, an influence above `max_influence_bytes`, non-float params
+        (or carry leaves, for the influence methods), no loss at all, a final loss that is not a
+        float scalar, and the checks of `value_and_grad`.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxbptt as jb
@@ -274,38 +311,60 @@ def online_grad(
       >>> (_, _), exact = jb.value_and_grad(model.step, mse)(params, model.initial_carry((3,)), xs, targets)
       >>> bool(jnp.allclose(grads["cell"]["W_hh"], exact["cell"]["W_hh"], atol=1e-5))
       True
+
+    A loss of the final state only, estimated by persistent ES over windows of 5 steps:
+
+      >>> energy = lambda h: jnp.sum(h ** 2)
+      >>> pes = jb.online_grad(model.step, None, jb.PES(0.01, pairs=8, window=5), final_loss=energy)
+      >>> (loss, final), grads = pes(params, model.initial_carry((3,)), xs, key=jax.random.key(1))
+      >>> bool(jnp.isclose(loss, energy(final)))
+      True
     """
     v.check_callable("step", step)
-    v.check_callable("loss_fn", loss_fn)
+    spec = losses(loss_fn, final_loss)
     check_method(method)
     check_max_bytes(max_influence_bytes)
 
-    def online_grad_fn(params, carry, xs, targets, key=None):
+    def online_grad_fn(params, carry, xs, targets=None, key=None):
+        if isinstance(method, KEYED) and key is None:
+            raise ValueError(f"online_grad with method=jb.{type(method).__name__}(...) needs key=jax.random.key(...) "
+                             "(its random numbers); got key=None.")
         if isinstance(method, TBPTT):
-            return value_and_grad(step, loss_fn, truncation=(method.k1, method.k2))(params, carry, xs, targets)
-        if isinstance(method, UORO) and key is None:
-            raise ValueError("online_grad with method=jb.UORO() needs key=jax.random.key(...) (its random signs); got key=None.")
-        length, carry = check_call(step, loss_fn, 0, params, carry, xs, targets)
+            return value_and_grad(step, loss_fn, truncation=(method.k1, method.k2), final_loss=final_loss)(
+                params, carry, xs, targets)
+        call = check_stream(step, spec, params, carry, xs, targets)
+        length, carry, loss_type = call.length, call.carry, call.loss_dtype
         if length == 0:
-            dtype = loss_dtype(step, loss_fn, params, carry, xs, targets)
-            return zero_length_result(0, params, carry, xs, False, dtype)
-        tracker = make_tracker(step, loss_fn, method, params, carry, v.first_step(xs),
+            result = calls.zero_length(call)
+            return (result.loss, result.final), result.grads[0]
+        if isinstance(method, PERTURBATIONS):
+            theta, unravel = ravel_pytree(params)
+            loss, carry, grad = sequence_grad(method, step, loss_fn, final_loss, theta, unravel, carry, xs, targets,
+                                              key, length, loss_type)
+            return (loss, carry), jax.tree.map(lambda g, p: g.astype(p.dtype), unravel(grad), params)
+        tracker = make_tracker(step, per_step(loss_fn, loss_type), method, params, carry, v.first_step(xs),
                                max_influence_bytes=max_influence_bytes)
         theta, c = ravel_pytree(params)[0], ravel_pytree(carry)[0]
         keys = jax.random.split(key, length) if key is not None else jnp.zeros((length,))
-        # the summed loss keeps one step's loss dtype (as value_and_grad's), the carry its own dtype
-        # and the gradient the params' dtype, whatever the dtype of the data
-        loss_type = loss_dtype(step, loss_fn, params, carry, xs, targets)
 
         def body(state, inputs):
             trace, c, loss, grad = state
             x, target, k = inputs
             trace, c, step_loss, step_grad = tracker.advance(theta, trace, c, x, target, k)
-            return (trace, c, loss + step_loss.astype(loss_type), grad + step_grad), None
+            return (trace, c, loss + step_loss, grad + step_grad), None
 
         start = (tracker.init(theta, c), c, jnp.zeros((), loss_type), jnp.zeros_like(theta))
-        (_, c, loss, grad), _ = lax.scan(body, start, (xs, targets, keys))
+        (trace, c, loss, grad), _ = lax.scan(body, start, (xs, targets, keys))
+        loss, grad = final_through_influence(tracker, final_loss, trace, c, loss, grad)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), tracker.unravel_params(grad), params)
         return (loss, tracker.unravel_carry(c)), grads
 
     return online_grad_fn
+
+
+def final_through_influence(tracker, final_loss, trace, c, loss, grad):
+    """The final loss of the flat carry `c` and its gradient through the influence `trace`."""
+    if final_loss is None:
+        return loss, grad
+    value, g_c = jax.value_and_grad(lambda cc: final_loss(tracker.unravel_carry(cc)))(c)
+    return loss + value.astype(loss.dtype), grad + tracker.contract(trace, g_c)

@@ -2,7 +2,9 @@
 SnAp's sparsity pattern and its influence stored on that pattern, and UORO's independent examples.
 
 Both are read off Jacobians of the step at deterministic generic points (`generic`), evaluated
-concretely while tracing (`concrete`), so they cost nothing per call.
+concretely while tracing (`concrete`), so they cost nothing per call. The step is evaluated
+through `sparsity.structural`, so that an entry that vanishes at those points only because of the
+data there (a ReLU unit inactive, an embedding row not looked up) is still found.
 """
 
 from __future__ import annotations
@@ -13,50 +15,54 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .sparsity import structural
+
 
 def generic(tree, seed, fill=0):
     """Deterministic generic values in [-0.1, 0.1] shaped like `tree`'s float leaves (cosines of an
-    irrational stride, cheaper to compile than a random number generator); other leaves (flags,
-    indices) all `fill`. Small, so that no activation saturates: a saturated tanh has an exactly
-    zero derivative in float32, which would read as a structural zero."""
+    irrational stride, in NumPy: nothing to compile); other leaves (flags, indices) all `fill`.
+    Small, so that no activation saturates: a saturated tanh has an exactly zero derivative in
+    float32, which would read as a structural zero."""
     leaves, structure = jax.tree.flatten(tree)
     out = []
     for i, leaf in enumerate(leaves):
         shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
         if jnp.issubdtype(dtype, jnp.floating):
-            phase = jnp.arange(np.prod(shape, dtype=int), dtype=dtype).reshape(shape) * 0.6180339887
-            phase = phase + (seed * 7.31 + i * 1.37)
-            out.append(0.1 * jnp.cos(phase * 2.7182818))
+            phase = np.arange(np.prod(shape, dtype=int)).reshape(shape) * 0.6180339887 + (seed * 7.31 + i * 1.37)
+            out.append((0.1 * np.cos(phase * 2.7182818)).astype(dtype))
         else:
-            out.append(jnp.full(shape, fill, dtype))
+            out.append(np.full(shape, fill, dtype))
     return jax.tree.unflatten(structure, out)
 
 
-def concrete(name, fn):
-    """`fn()` as NumPy at trace time: the static structure the sparse layouts are built on."""
-    try:
-        with jax.ensure_compile_time_eval():
-            return jax.tree.map(np.asarray, fn())
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError) as e:
+def concrete(name, fn, *points):
+    """`jax.jit(fn)(*point)` as NumPy at trace time, for each tuple of arguments in `points`: the
+    static structure the sparse layouts are built on. One compiled program for all the points (op
+    by op, each of the Jacobians' many small operations would compile on its own); compiled ahead
+    of time, it runs at once even while an outer `jit` is tracing."""
+    if any(isinstance(value, jax.core.Tracer) for value in jax.make_jaxpr(fn)(*points[0]).consts):
         raise ValueError(f"{name} is found from the step at generic points at trace time, which needs a step that "
-                         "does not close over traced values (pass them in params or xs instead).") from e
+                         "does not close over traced values (pass them in params or xs instead).")
+    compiled = jax.jit(fn).lower(*points[0]).compile()
+    return [jax.tree.map(np.asarray, compiled(*point)) for point in points]
 
 
 def pattern(flat_step, n: int, draws: int, theta, c, x):
     """SnAp's mask (|params| x |carry|, NumPy) and the carry Jacobian's pattern (|carry| x |carry|):
     the structural non-zeros of the influence after n steps from zero, `M_1 = pattern(I)`,
-    `M_{k+1} = M_1 | M_k pattern(D)^T`, with the Jacobians' patterns OR'ed over `draws` generic
-    points (params, carry and float inputs generic; flag and index inputs 0 and 1 in turn), so
-    piecewise-linear steps (ReLU) do not lose entries by chance. An input used as an index (an
-    embedding's token) should be one-hot for SnAp: the pattern sees the indices 0 and 1 only."""
+    `M_{k+1} = M_1 | M_k pattern(D)^T`. The Jacobians are those of the step's structural surrogate
+    (`sparsity.structural`: a ReLU, a `where`, an embedding lookup reach every input they can reach
+    at some point), OR'ed over `draws` generic points (params, carry and float inputs generic; flag
+    and index inputs 0 and 1 in turn) against an entry that vanishes at one point by chance."""
+    surrogate = structural(flat_step)
 
-    def jacobians(d):
-        jac = jax.jacrev(lambda th, cc: flat_step(th, cc, generic(x, 3 * d + 2, d % 2))[0], argnums=(0, 1))
-        immediate, carry_jac = jac(generic(theta, 3 * d), generic(c, 3 * d + 1))
+    def jacobians(th, cc, xx):
+        immediate, carry_jac = jax.jacrev(lambda th, cc: surrogate(th, cc, xx)[0], argnums=(0, 1))(th, cc)
         return immediate.T != 0, carry_jac != 0
 
-    immediate, carry_pattern = concrete("SnAp's sparsity pattern", lambda: jax.tree.map(
-        lambda *a: jnp.any(jnp.stack(a), axis=0), *[jacobians(d) for d in range(draws)]))
+    points = [(generic(theta, 3 * d), generic(c, 3 * d + 1), generic(x, 3 * d + 2, d % 2)) for d in range(draws)]
+    found = concrete("SnAp's sparsity pattern", jacobians, *points)
+    immediate, carry_pattern = (np.any(np.stack(a), axis=0) for a in zip(*found))
     mask = immediate
     for _ in range(n - 1):
         mask = immediate | (mask.astype(np.int64) @ carry_pattern.T.astype(np.int64) > 0)
@@ -114,18 +120,21 @@ def sparse_recursion(flat_step, step_and_loss, sp: Sparse):
     """SnAp's update `J_t = M * (D_t J_{t-1} + I_t)` on the pattern's entries only: for entry
     e = (p, j), `sum_{k in row p} D[j, k] J[p, k] + I[p, j]`, since J_{t-1} is zero off the
     pattern. Equals the masked dense update, for a pattern that holds the step's non-zeros.
-    Returns the recursion's `(init, advance)` over the pattern's entries."""
+    Returns the recursion's `(init, advance, contract)` over the pattern's entries."""
     nnz = sp.rows.size
     d_tangents = jnp.asarray(sp.d_colors[None] == np.arange(sp.d_colors.max(initial=0) + 1)[:, None])
     i_cotangents = jnp.asarray(sp.i_colors[None] == np.arange(sp.i_colors.max(initial=0) + 1)[:, None])
     d_at = (sp.d_colors[np.concatenate([sp.cols, [0]])[sp.same_row]], sp.cols[:, None])
     i_at = (sp.i_colors[sp.cols], sp.rows)
 
+    def contract(influence, g_c):
+        """g_c . J, summed into each entry's parameter."""
+        return jax.ops.segment_sum(g_c[sp.cols] * influence, sp.rows, sp.n_params)
+
     def advance(theta, influence, c, x, target, key):
         (new, loss), vjp = jax.vjp(step_and_loss(x, target), theta, c)
         g_theta, g_c = vjp((jnp.zeros_like(new), jnp.ones_like(loss)))
-        # dL_t/dcarry_{t-1} . J_{t-1}, summed into each entry's parameter
-        grad = g_theta + jax.ops.segment_sum(g_c[sp.cols] * influence, sp.rows, theta.size)
+        grad = g_theta + contract(influence, g_c)  # dL_t/dcarry_{t-1} . J_{t-1}
         # column sums of D and rows of I over each colour: no two members meet, so each sum is one entry
         carry_tangent = lambda t: jax.jvp(lambda cc: flat_step(theta, cc, x)[0], (c,), (t.astype(c.dtype),))[1]
         d_sums = jax.vmap(carry_tangent)(d_tangents)
@@ -135,13 +144,14 @@ def sparse_recursion(flat_step, step_and_loss, sp: Sparse):
         new_influence = (propagated + i_sums[i_at]).astype(influence.dtype)
         return new_influence, new, loss, grad.astype(theta.dtype)
 
-    return (lambda theta, c: jnp.zeros((nnz,), c.dtype)), advance
+    return (lambda theta, c: jnp.zeros((nnz,), c.dtype)), advance, contract
 
 
 def examples(flat_step, carry, theta, c, x):
     """UORO's independent examples: the rows of the carry's leading axis (every leaf's, of one
-    size) when the step does not couple them (checked at a generic point with 2 log2(rows) forward
-    passes: rows whose index has bit b set, then clear, must not reach the others), else one.
+    size) when the step does not couple them (checked on its structural surrogate at a generic
+    point with 2 log2(rows) forward passes: rows whose index has bit b set, then clear, must not
+    reach the others), else one.
     Returns each flat carry entry's example and the number of examples."""
     leaves = jax.tree.leaves(carry)
     sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else 0 for leaf in leaves}
@@ -153,10 +163,10 @@ def examples(flat_step, carry, theta, c, x):
                                           jnp.shape(leaf)).ravel() for leaf in leaves]).astype(np.int32)
     bits = [(ids >> b) & 1 == side for b in range(int(rows - 1).bit_length()) for side in (0, 1)]
 
-    def leaks():
-        f = lambda cc: flat_step(generic(theta, 0), cc, generic(x, 2))[0]
-        c_r = generic(c, 1)
-        return [jnp.any(jnp.where(sel, 0, jax.jvp(f, (c_r,), (jnp.where(sel, 1, 0).astype(c.dtype),))[1]) != 0)
+    def leaks(th, cc, xx):
+        f = lambda cc: structural(flat_step)(th, cc, xx)[0]
+        return [jnp.any(jnp.where(sel, 0, jax.jvp(f, (cc,), (jnp.where(sel, 1, 0).astype(c.dtype),))[1]) != 0)
                 for sel in bits]
 
-    return one if any(concrete("UORO's examples", leaks)) else (ids, rows)
+    [found] = concrete("UORO's examples", leaks, (generic(theta, 0), generic(c, 1), generic(x, 2)))
+    return one if any(found) else (ids, rows)

@@ -14,6 +14,7 @@ from .. import _validate as v
 from .._cells.combinators import masked
 from .._types import LossFn, PyTree, StepFn
 from .._core.api import unroll as _unroll
+from .call import avals, check_optimizer, check_stream, check_stream_shapes, losses
 
 
 class OnlineState(NamedTuple):
@@ -40,7 +41,7 @@ class OnlineState(NamedTuple):
 class OnlineTBPTT(NamedTuple):
     """Pure functions in the optax style: `state = init(params, carry, xs)`,
     `state, losses = update(state, xs, targets)` (`state, losses, ys` with `return_outputs=True`),
-    and `state = reset(state, carry)` to start a new stream with the same parameters."""
+    and `state = reset(state, carry, xs=None)` to start a new stream with the same parameters."""
 
     init: Callable[..., OnlineState]
     update: Callable[..., tuple]
@@ -49,10 +50,11 @@ class OnlineTBPTT(NamedTuple):
 
 def online_tbptt(
     step: StepFn,
-    loss_fn: LossFn,
+    loss_fn: Optional[LossFn],
     optimizer: optax.GradientTransformation,
     *,
     truncation,
+    final_loss: Optional[Callable] = None,
     clip_norm=None,
     unroll: int = 1,
     time_axis: int = 0,
@@ -67,18 +69,20 @@ def online_tbptt(
 
       for each chunk j of k1 steps:
         window = the k2 steps ending with chunk j (fewer at the start of the stream)
-        grads = grad of sum(loss_fn(y_t, target_t) for t in chunk j), re-running the window from
-                stop_gradient(carry at the window's start)
+        grads = grad of sum(loss_fn(y_t, target_t) for t in chunk j) + final_loss(carry at the
+                chunk's end), re-running the window from stop_gradient(carry at the window's start)
         params = optimizer update of params with grads
 
     `update` is one `lax.scan` over chunks; its memory does not grow with T beyond `xs` itself, and
     calling it on two halves of a stream (each a multiple of k1 steps) equals one call on the whole.
 
     Args:
-      step, loss_fn: as in `jaxbptt.value_and_grad`.
+      step, loss_fn: as in `jaxbptt.value_and_grad`; `loss_fn` may be None with a `final_loss`.
       optimizer: an `optax.GradientTransformation` (wrap it in `optax.inject_hyperparams` to vmap over
         learning rates).
       truncation: `(k1, k2)` with 1 <= k1 <= k2, or an int k meaning `(k, k)`.
+      final_loss: `final_loss(carry) -> scalar`, a loss of the carry at the end of every chunk (a
+        meta-objective evaluated after every k1 steps), or None.
       clip_norm, unroll: as in `jaxbptt.unroll`, applied inside every window.
       time_axis: 0 for time-major `xs` and `targets`, 1 for batch-major (`(batch, T, ...)`).
       return_outputs: `update` also returns the outputs `ys` of every step, as its chunk's window
@@ -92,11 +96,19 @@ def online_tbptt(
         the trainer's layout; only its shapes and dtypes are read) that sizes the input history, so
         that `jax.jit(update)` compiles once for a stream of fixed shapes. Without it the history
         is allocated by the first `update`, which then compiles a second time.
-      - `update(state, xs, targets) -> (state, losses)`, with a length that is a multiple of k1;
-        `losses` of shape (T / k1,): each chunk's loss per step (its summed loss over k1). The
-        gradient is that of the summed loss, as in Williams & Peng.
-      - `reset(state, carry) -> state`: a new stream: the carry is replaced and the history
-        emptied; parameters, optimizer state and the chunk count are kept.
+      - `update(state, xs, targets=None) -> (state, losses)`, with a length that is a multiple of
+        k1; `losses` of shape (T / k1,): each chunk's loss per step (its summed loss, final loss
+        included, over k1). The gradient is that of the summed loss, as in Williams & Peng.
+        `targets` may be None (each step's target is then None). A stream keeps the batch it
+        started with: another batch is an error (start it with `reset(state, carry, xs)`).
+      - `reset(state, carry, xs=None) -> state`: a new stream: the carry is replaced and the
+        history emptied (sized for `xs` when given: a stream of another batch); parameters,
+        optimizer state and the chunk count are kept.
+
+    Raises:
+      TypeError / ValueError: for an optimizer that is not an optax transformation, a truncation
+        out of range, no loss at all, a stream whose length is not a multiple of k1 or whose
+        batch does not fit the state.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, jaxbptt as jb
@@ -114,7 +126,8 @@ def online_tbptt(
       1
     """
     v.check_callable("step", step)
-    v.check_callable("loss_fn", loss_fn)
+    spec = losses(loss_fn, final_loss)
+    check_optimizer("online_tbptt", optimizer)
     if isinstance(truncation, int) and not isinstance(truncation, bool):
         v.check_truncation(truncation)
         truncation = (truncation, truncation)
@@ -139,9 +152,21 @@ def online_tbptt(
         return OnlineState(params, optimizer.init(params), carry, history, jnp.zeros((span,), bool),
                            jnp.zeros((), jnp.int32))
 
-    def reset(state: OnlineState, carry: PyTree) -> OnlineState:
-        history = None if state.history is None else jax.tree.map(jnp.zeros_like, state.history)
+    def reset(state: OnlineState, carry: PyTree, xs: Optional[PyTree] = None) -> OnlineState:
+        if xs is not None:
+            history = empty_history(xs)
+        else:
+            history = None if state.history is None else jax.tree.map(jnp.zeros_like, state.history)
         return state._replace(carry=carry, history=history, valid=jnp.zeros_like(state.valid))
+
+    def check_history(history, xs) -> None:
+        """The stream's steps must have the shapes of the history the state holds."""
+        steps = lambda t: avals(v.first_step(t))
+        if steps(history) != steps(xs):
+            shapes = lambda t: jax.tree.map(lambda a: a.shape[1:], t)
+            raise ValueError(f"online_tbptt.update: xs has steps of shapes {shapes(xs)} but the state's input history "
+                             f"was sized for steps of {shapes(history)}. A stream keeps its batch from one update to "
+                             "the next: start a stream with another batch with reset(state, carry, xs).")
 
     def chunk_update(state: OnlineState, chunk):
         xs, targets = chunk
@@ -149,10 +174,12 @@ def online_tbptt(
         valid = jnp.concatenate([state.valid, jnp.ones((k1,), bool)])  # one flag per step, for all rows
 
         def window_loss(params):
-            _, (ys, carries) = _unroll(recording_step, params, state.carry, (window_xs, valid),
-                                       clip_norm=clip_norm, unroll=unroll)
+            final, (ys, carries) = _unroll(recording_step, params, state.carry, (window_xs, valid),
+                                           clip_norm=clip_norm, unroll=unroll)
             own = jax.tree.map(lambda y: y[span:], ys)
-            loss = jnp.sum(jax.vmap(loss_fn)(own, targets))
+            loss = jnp.sum(jax.vmap(loss_fn)(own, targets)) if loss_fn is not None else 0.0
+            if final_loss is not None:
+                loss = loss + final_loss(final)
             return loss, (jax.tree.map(lambda c: c[k1 - 1], carries), own)
 
         (loss, (next_start, own)), grads = jax.value_and_grad(window_loss, has_aux=True)(state.params)
@@ -162,15 +189,17 @@ def online_tbptt(
         state = OnlineState(params, opt_state, jax.lax.stop_gradient(next_start), history, valid[k1:], state.chunks + 1)
         return state, (loss / k1, own if return_outputs else None)
 
-    def update(state: OnlineState, xs: PyTree, targets: PyTree) -> tuple:
+    def update(state: OnlineState, xs: PyTree, targets: Optional[PyTree] = None) -> tuple:
         xs = _layout.time_major(xs, time_axis)
-        targets = _layout.time_major(targets, time_axis, "targets")
+        targets = None if targets is None else _layout.time_major(targets, time_axis, "targets")
         length = v.time_length("xs", xs)
-        v.check_same_length("targets", targets, length)
         if length % k1:
             raise ValueError(f"online_tbptt.update needs a number of steps that is a multiple of k1={k1}; xs has {length}.")
         if state.history is None:
             state = state._replace(history=empty_history(_layout.from_time_major(xs, time_axis)))
+        check_history(state.history, xs)
+        check_stream_shapes("online_tbptt.update", step, state.params, state.carry, xs)
+        check_stream(step, spec, state.params, state.carry, xs, targets)
         chunked = jax.tree.map(lambda a: a.reshape((length // k1, k1) + a.shape[1:]), (xs, targets))
         state, (losses, ys) = lax.scan(chunk_update, state, chunked)
         if not return_outputs:
