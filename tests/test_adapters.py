@@ -101,7 +101,7 @@ def test_equinox_module_of_your_own():
 
         def __call__(self, x, state):
             h, c = state
-            return jnp.tanh(x @ self.w + h), c + 1.0
+            return jnp.tanh(self.w.T @ x + h), c + 1.0  # one example: w.T @ x needs x of shape (D,)
 
     module = Leaky(jax.random.normal(jax.random.key(0), (D, H)))
     with pytest.raises(TypeError, match="equinox: Leaky has no hidden_size, so its state's shape is unknown; pass "
