@@ -1,6 +1,7 @@
 """The documentation site: a strict build with no warning, a reference entry for every public name,
 docstring arguments that exist, and internal links that resolve in the built site."""
 
+import html
 import html.parser
 import inspect
 import os
@@ -136,3 +137,11 @@ def test_internal_links_resolve(site):
                     broken.append(f"{page.relative_to(site)}: {link} (no such anchor)")
     assert broken == []
     assert (site / "index.html").exists() and (site / "reference" / "cells" / "index.html").exists()
+
+
+def test_docstring_literal_blocks_render_as_code(site):
+    """An rST literal block (`roughly equivalent to::` + an indented loop, as in `unroll`'s
+    docstring) is rendered as a code block, not run together as a paragraph."""
+    page = (site / "reference" / "gradients" / "index.html").read_text(encoding="utf-8")
+    blocks = [re.sub(r"<[^>]+>", "", b) for b in re.findall(r'<div class="highlight">(.*?)</div>', page, flags=re.S)]
+    assert any("for t in range(T):\n" in html.unescape(b) for b in blocks)
