@@ -70,7 +70,7 @@ def flax_linen(cell) -> Cell:
       >>> model = jb.with_readout(jb.adapters.flax_linen(nn.LSTMCell(16)), 1)
       >>> params = model.init(jax.random.key(0), 3)
       >>> (loss, final), grads = jb.value_and_grad(model.step, lambda y, t: jnp.mean((y - t) ** 2), truncation=5)(
-      ...     params, model.initial_carry((4,)), jnp.ones((20, 4, 3)), jnp.zeros((20, 4, 1)))
+      ...     params, model.initial_carry((4,)), jnp.ones((20, 4, 3), jnp.float32), jnp.zeros((20, 4, 1), jnp.float32))
       >>> grads["W_hy"].shape
       (16, 1)
     """
@@ -115,7 +115,7 @@ def flax_nnx(cell) -> Cell:
       >>> import jax, jax.numpy as jnp, jaxbptt as jb
       >>> model = jb.with_readout(jb.adapters.flax_nnx(nnx.GRUCell(3, 16, rngs=nnx.Rngs(0))), 1)
       >>> params = model.init(jax.random.key(0), 3)
-      >>> final, ys = jb.unroll(model.step, params, model.initial_carry((4,)), jnp.ones((20, 4, 3)))
+      >>> final, ys = jb.unroll(model.step, params, model.initial_carry((4,)), jnp.ones((20, 4, 3), jnp.float32))
       >>> ys.shape
       (20, 4, 1)
     """
@@ -170,7 +170,7 @@ def equinox(cell, *, example_carry: Optional[PyTree] = None) -> Cell:
       >>> import jax, jax.numpy as jnp, jaxbptt as jb
       >>> model = jb.with_readout(jb.adapters.equinox(eqx.nn.LSTMCell(3, 16, key=jax.random.key(0))), 1)
       >>> params = model.init(jax.random.key(0), 3)
-      >>> final, ys = jb.unroll(model.step, params, model.initial_carry((4,)), jnp.ones((20, 4, 3)))
+      >>> final, ys = jb.unroll(model.step, params, model.initial_carry((4,)), jnp.ones((20, 4, 3), jnp.float32))
       >>> ys.shape, final[0].shape
       ((20, 4, 1), (4, 16))
     """
@@ -238,7 +238,7 @@ def haiku(make_core: Callable) -> Cell:
       >>> import jax, jax.numpy as jnp, jaxbptt as jb
       >>> model = jb.with_readout(jb.adapters.haiku(lambda: hk.GRU(16)), 1)
       >>> params = model.init(jax.random.key(0), 3)
-      >>> final, ys = jb.unroll(model.step, params, model.initial_carry((4,)), jnp.ones((20, 4, 3)))
+      >>> final, ys = jb.unroll(model.step, params, model.initial_carry((4,)), jnp.ones((20, 4, 3), jnp.float32))
       >>> ys.shape
       (20, 4, 1)
     """
@@ -294,7 +294,7 @@ def from_torch(module) -> Cell:
       >>> module = torch.nn.LSTM(3, 16)
       >>> model = jb.with_readout(jb.adapters.from_torch(module), 1)
       >>> params = model.init(jax.random.key(0), 3)
-      >>> final, ys = jb.unroll(model.step, params, model.initial_carry((4,)), jnp.ones((20, 4, 3)))
+      >>> final, ys = jb.unroll(model.step, params, model.initial_carry((4,)), jnp.ones((20, 4, 3), jnp.float32))
       >>> ys.shape
       (20, 4, 1)
     """
