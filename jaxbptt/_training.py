@@ -115,7 +115,7 @@ def train_loop(train_step: Callable, batch_fn: Callable, iterations: int, *, eva
       >>> losses.shape
       (2, 3, 5)
 
-    Held-out evaluation every few iterations:
+      Held-out evaluation every few iterations:
 
       >>> held_out = batch(jax.random.key(99))
       >>> evaluate = lambda p: step(p, opt.init(p), *held_out)[2]

@@ -129,7 +129,7 @@ def value_and_grad(
       >>> grads["W_hy"].shape
       (32, 1)
 
-    Per-step metrics and batch-major data:
+      Per-step metrics and batch-major data:
 
       >>> def loss_and_error(y, t):
       ...   return mse(y, t), {"abs_error": jnp.mean(jnp.abs(y - t))}
