@@ -322,27 +322,3 @@ def unroll(
     final, ys = chosen.unroll(call, probe, store)
     return final, layout.from_time_major(flip(ys) if reverse else ys, time_axis)
 
-
-# ---- the checks that the online-gradient methods share with value_and_grad ------------------------
-
-
-def check_call(step, loss_fn, argnums, params, carry, xs, targets):
-    """The trace-time checks of a `value_and_grad` call; returns `(T, carry)`."""
-    call = calls.prepare(step, params, carry, xs, targets, loss=calls.make_loss(loss_fn, False, None),
-                         argnums=v.check_argnums(argnums))
-    return call.length, call.carry
-
-
-def loss_dtype(step, loss_fn, params, carry, xs, targets):
-    """The dtype of one step's loss, which the summed loss keeps (also for T = 0)."""
-    _, y = jax.eval_shape(step, params, carry, v.first_step(xs))
-    return jax.eval_shape(loss_fn, y, v.first_step(targets)).dtype
-
-
-def zero_length_result(argnums, params, carry, xs, diagnostics, dtype=jnp.float32):
-    """The exact answer for T = 0: zero loss, the initial carry, zero gradients."""
-    zeros = jax.tree.map(jnp.zeros_like, (params, carry, xs))
-    aux = (jnp.zeros((), dtype), carry)
-    if diagnostics:
-        aux += (Diagnostics(jnp.zeros((0,), jnp.float32), jnp.zeros((0,), bool)),)
-    return aux, zeros[argnums] if isinstance(argnums, int) else tuple(zeros[a] for a in argnums)
