@@ -120,9 +120,9 @@ def online(
       - `reset(state, carry, xs=None) -> state`.
 
     Raises:
-      TypeError / ValueError: as `online_grad`; for an optimizer that is not an optax
-      transformation, a missing `key` or `xs` at `init`, a stream whose batch does not fit the
-      state, an `update_every` other than a PES or NRES `window`.
+      TypeError: as `online_grad`, and for an optimizer that is not an optax transformation.
+      ValueError: as `online_grad`, and for a missing `key` or `xs` at `init`, a stream whose batch
+        does not fit the state, or an `update_every` other than a PES or NRES `window`.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, jaxbptt as jb
