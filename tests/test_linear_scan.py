@@ -165,3 +165,22 @@ def test_auto_picks_sequential_on_cpu():
     jaxprs = {m: str(jax.make_jaxpr(_method(m))(jnp.ones(64), jnp.ones(64), jnp.zeros(()))) for m in METHODS + ("auto",)}
     assert jax.default_backend() == "cpu"
     assert jaxprs["auto"] == jaxprs["sequential"] != jaxprs["associative"]
+
+
+def test_zero_decay_forgets_exactly_in_every_method():
+    """Decays near the float range: the parallel methods' products of 1e200 * 1e200 overflow to inf,
+    and a zero decay after them must still forget them exactly (0, not 0 * inf = NaN), as the
+    sequential loop does; a NaN decay still gives NaN."""
+    a = jnp.array([1e200] * 8 + [0.0] + [0.99] * 7)
+    b = jnp.array([0.0] * 8 + [1.0] * 8)
+
+    def run(scan):  # states, the gradient of a loss on the last steps, and the states after a NaN decay
+        h0 = jnp.float64(0.0)
+        grad = jax.grad(lambda a, b: jnp.sum(scan(a, b, h0)[-3:]), (0, 1))
+        return jax.jit(lambda a, b: (scan(a, b, h0), grad(a, b), scan(a.at[2].set(jnp.nan), b, h0)))(a, b)
+
+    want = run(sequential)
+    assert np.isfinite(want[0]).all() and all(np.isfinite(g).all() for g in want[1]) and np.isnan(want[2][2:]).all()
+    for method in METHODS:
+        got = run(_method(method))
+        jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-12), got, want)
