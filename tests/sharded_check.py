@@ -79,12 +79,16 @@ def weighted(hs, w):
 
 
 T = 48
-k = jax.random.split(jax.random.key(5), 7)
-a = {"r": jax.random.uniform(k[0], (T, 2), minval=0.5, maxval=1.0),  # real, varying over time
-     "c": jax.random.uniform(k[1], (3,), minval=0.5, maxval=1.0) * jnp.exp(1j * jnp.arange(3.0))}  # complex, shared
-b = {"r": jax.random.normal(k[2], (T, 2)), "c": jax.random.normal(k[3], (T, 3)) + 1j * jax.random.normal(k[4], (T, 3))}
-h0 = {"r": jax.random.normal(k[5], (2,)), "c": jax.random.normal(k[6], (3,)) - 0.5j}
-w = {"r": jnp.cos(jnp.arange(2.0 * T)).reshape(T, 2), "c": jnp.sin(jnp.arange(3.0 * T)).reshape(T, 3)}
+
+
+# Data from NumPy: each jax.random call would compile a program of its own (about a second each).
+rng = np.random.default_rng(5)
+normal = lambda *shape: jnp.asarray(rng.standard_normal(shape))
+a = {"r": jnp.asarray(rng.uniform(0.5, 1.0, (T, 2))),  # real, varying over time
+     "c": jnp.asarray(rng.uniform(0.5, 1.0, 3) * np.exp(1j * np.arange(3.0)))}  # complex, shared
+b = {"r": normal(T, 2), "c": normal(T, 3) + 1j * normal(T, 3)}
+h0 = {"r": normal(2), "c": normal(3) - 0.5j}
+w = {"r": normal(T, 2), "c": normal(T, 3)}
 
 
 def scan_loss(scan):  # both directions: the loss, the states and the gradients
@@ -161,18 +165,18 @@ print("time-split linear_scan: 45 steps refused, padded to 48 ok")
 # The cells' parallel forms and DEER, split over time, against lax.scan of their steps on one device,
 # in one program (minLSTM's parallel form is minGRU's with other coefficients; float32, minLSTM and
 # quasi-DEER run on a one-device mesh in the main test process).
-def cell_problem(cell, dtype, width):
-    params = cell.init(jax.random.key(0), 3, dtype)
-    carry = cell.initial_carry((2,), dtype) + 0.3
-    xs, targets = (jax.random.normal(jax.random.key(i), (24, 2, d), dtype) for i, d in ((1, 3), (2, width)))
-    return params, carry, xs, targets
+def random_params(cell, inputs):
+    """Parameters of `cell.init`'s shapes, standard normal / 2 (any values keep these cells stable)."""
+    return jax.tree.map(lambda s: normal(*s.shape) / 2, jax.eval_shape(lambda key: cell.init(key, inputs), jax.random.key(0)))
 
 
-CELLS = {"lru": (jb.lru(4, 0.5, 0.99), jnp.float64, 3), "mingru": (jb.mingru(4), jnp.float64, 4)}
+def cell_problem(cell, width):
+    carry = cell.initial_carry((2,), jnp.float64) + 0.3
+    return random_params(cell, 3), carry, normal(24, 2, 3), normal(24, 2, width)
+
+
+CELLS = {"lru": (jb.lru(4, 0.5, 0.99), 3), "mingru": (jb.mingru(4), 4)}  # cell, output width
 DEER = {"DEER gru": (jb.gru(3), False)}  # quasi-DEER's solve is linear_scan, checked above
-deer_params = {name: cell.init(jax.random.key(0), 2, jnp.float64) for name, (cell, _) in DEER.items()}
-deer_xs = jax.random.normal(jax.random.key(3), (24, 2))
-deer_w = jnp.sin(jnp.arange(72.0)).reshape(24, 3)
 
 
 def cell_loss(form):  # form(params, carry, xs, targets) -> (sum of the per-step losses, final, ys)
@@ -189,7 +193,7 @@ def mse_sum(ys, targets):
 
 def time_split_cells(problems, deer_params, deer_xs, deer_w):
     out = {}
-    for name, (cell, _, _) in CELLS.items():
+    for name, (cell, _) in CELLS.items():
         def local(params, carry, xs, targets, cell=cell):
             final, ys = cell.parallel(params, carry, xs, axis_name="time")
             return lax.psum(mse_sum(ys, targets), "time"), final, ys
@@ -214,7 +218,7 @@ def time_split_cells(problems, deer_params, deer_xs, deer_w):
 
 def scanned_cells(problems, deer_params, deer_xs, deer_w):
     out = {}
-    for name, (cell, _, _) in CELLS.items():
+    for name, (cell, _) in CELLS.items():
         def form(params, carry, xs, targets, cell=cell):
             final, ys = lax.scan(lambda c, x: cell.step(params, c, x), carry, xs)
             return mse_sum(ys, targets), final, ys
@@ -230,7 +234,9 @@ def scanned_cells(problems, deer_params, deer_xs, deer_w):
     return out
 
 
-problems = {name: cell_problem(cell, dtype, width) for name, (cell, dtype, width) in CELLS.items()}
+problems = {name: cell_problem(cell, width) for name, (cell, width) in CELLS.items()}
+deer_params = {name: random_params(cell, 2) for name, (cell, _) in DEER.items()}
+deer_xs, deer_w = normal(24, 2), normal(24, 3)
 got = jax.jit(time_split_cells)(problems, deer_params, deer_xs, deer_w)
 want = jax.jit(scanned_cells)(problems, deer_params, deer_xs, deer_w)
 for name in CELLS:
