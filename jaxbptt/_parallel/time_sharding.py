@@ -42,9 +42,15 @@ def match_varying(*leaves):
     A decay or an initial state replicated across the devices feeds a result that differs per
     device; JAX's own rules insert this cast for ordinary operations, and transpose it into the sum
     over devices that the replicated input's gradient needs. Outside `shard_map`, a no-op."""
-    varying = [jax.typeof(x).mat.varying for x in leaves]
+    varying = [_varying_axes(x) for x in leaves]
     union = frozenset().union(*varying)
     return tuple(lax.pcast(x, tuple(union - v), to="varying") if union - v else x for x, v in zip(leaves, varying))
+
+
+def _varying_axes(x) -> frozenset:
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)  # JAX 0.10; before it, `vma`
+    return mat.varying if mat is not None else getattr(aval, "vma", frozenset())
 
 
 def first_device(axis_name: Hashable, reverse: bool) -> jax.Array:
