@@ -393,8 +393,8 @@ def linear_scan(
         only forms states, may stay finite. With `|a| <= 1` products never overflow.
       axis_name: the mesh axis that time is split over, inside `jax.shard_map` (None: one device).
         T must be a multiple of the axis size, since `shard_map` splits arrays evenly and refuses
-        other lengths: pad at the end with identity steps (`a = 1`, `b = 0`), which leave the first
-        T states and the final state unchanged.
+        other lengths: pad at the end with identity steps (`a = 1`, `b = 0`; a decay shared over
+        time broadcast first), which leave the first T states and the final state unchanged.
 
     Returns:
       `hs`, with the structure of `b`: each leaf `(T, ...)` (this device's slice with `axis_name`)
