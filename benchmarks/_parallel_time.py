@@ -173,8 +173,10 @@ def _split_training_step(T, B, D, H, devices, budget_s):
     temp = {name: c.memory_analysis().temp_size_in_bytes for name, (c, _) in compiled.items()}  # per device
     row = dict(T=T, B=B, D=D, H=H, devices=devices, temp_mb={k: v / 2**20 for k, v in temp.items()},
                memory_ratio_x_n=temp[f"split over {devices}"] / temp["one device"] * devices)
-    # time only what fits: the one-device call holds all of T at once
-    need = sum(c.memory_analysis().argument_size_in_bytes + t for (c, _), t in zip(compiled.values(), temp.values()))
+    # time only what fits: either call holds all of T at once in this process (the split one on its
+    # devices together), one call at a time
+    resident = [c.memory_analysis().argument_size_in_bytes + t for (c, _), t in zip(compiled.values(), temp.values())]
+    need = max(resident[0], devices * resident[1])
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if need > available / 2:
         row.update(ms={name: float("nan") for name in compiled},
