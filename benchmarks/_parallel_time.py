@@ -8,12 +8,20 @@ Three tables, every time the median of interleaved calls of jit-compiled functio
 2. LRU and minGRU training steps (per-step MSE loss): `cell.parallel` under `jax.grad`, the
    sequential engine `jaxbptt.value_and_grad(cell.step)`, and `jax.grad` through `lax.scan`;
 3. DEER and quasi-DEER on Elman and GRU cells (batch mapped with `jax.vmap`): Newton iterations
-   and forward time against `lax.scan`, and forward + backward against `jax.grad` through it.
+   and forward time against `lax.scan`, and forward + backward against `jax.grad` through it;
+4. time split over host devices: an LRU training step (loss and gradients of `cell.parallel`) on one
+   device against the same step with `axis_name=` inside `jax.shard_map` over 8 host devices, time
+   and per-device temp memory. The device count is fixed when JAX starts, so each row runs in its
+   own process (`python -m benchmarks._parallel_time T B D H DEVICES BUDGET` prints it as JSON).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,15 +33,19 @@ from ._harness import _time, device_name
 
 FULL = {"scan": [(T, 8, 256) for T in (1000, 10_000, 30_000)],  # 10^5: 16 GB resident, too much for a shared machine
         "cells": [(cell, T, 8, 64, 256) for cell in ("lru", "mingru") for T in (1000, 10_000)],
-        "deer": [(cell, T, 8, 2, 16) for cell in ("elman", "gru") for T in (1000, 10_000)]}
+        "deer": [(cell, T, 8, 2, 16) for cell in ("elman", "gru") for T in (1000, 10_000)],
+        "sharded": [(T, 1, 16, 256, 8) for T in (10_000, 100_000, 1_000_000)]}
 SMOKE = {"scan": [(64, 2, 8)], "cells": [("lru", 64, 2, 3, 8), ("mingru", 64, 2, 3, 8)],
-         "deer": [("elman", 16, 2, 2, 4)]}  # DEER's code is the same for every step
+         "deer": [("elman", 16, 2, 2, 4)],  # DEER's code is the same for every step
+         "sharded": [(64, 1, 3, 8, 8)]}
 
 
-def _interleaved(fns: dict, args, budget_s: float, max_repeats: int = 15) -> dict:
-    """Median ms of each jit-compiled function, its calls interleaved (after one warm-up call each)."""
-    compiled = {name: jax.jit(fn).lower(*args).compile() for name, fn in fns.items()}
-    calls = {name: (lambda c=c: jax.block_until_ready(c(*args))) for name, c in compiled.items()}
+def _interleaved(fns: dict, args, budget_s: float, max_repeats: int = 15, *, compiled: dict | None = None) -> dict:
+    """Median ms of each jit-compiled function, its calls interleaved (after one warm-up call each);
+    `compiled` maps names to already compiled functions and their own arguments instead."""
+    if compiled is None:
+        compiled = {name: (jax.jit(fn).lower(*args).compile(), args) for name, fn in fns.items()}
+    calls = {name: (lambda c=c, a=a: jax.block_until_ready(c(*a))) for name, (c, a) in compiled.items()}
     first = sum(_time(call) for call in calls.values())
     repeats = int(min(max_repeats, max(3, budget_s / max(first, 1e-9))))
     times = {name: [] for name in calls}
@@ -137,6 +149,59 @@ def deer_rows(configs, budget_s):
     return rows
 
 
+def _split_training_step(T, B, D, H, devices, budget_s):
+    """One row of table 4, measured in this process (which must have `devices` devices)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((devices,), ("time",), axis_types=(jax.sharding.AxisType.Auto,))
+    cell = jb.lru(H, 0.9, 0.999)
+    params, carry = cell.init(jax.random.key(0), D), cell.initial_carry((B,))
+    xs, targets = (jax.random.normal(jax.random.key(i), (T, B, D)) for i in (1, 2))
+
+    def one_device(params, carry, xs, targets):
+        return jnp.sum(jax.vmap(_mse)(cell.parallel(params, carry, xs)[1], targets))
+
+    def local(params, carry, xs, targets):
+        ys = cell.parallel(params, carry, xs, axis_name="time")[1]
+        return lax.psum(jnp.sum(jax.vmap(_mse)(ys, targets)), "time")
+
+    split = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("time"), P("time")), out_specs=P())
+    placed = [jax.device_put(x, NamedSharding(mesh, P("time"))) for x in (xs, targets)]
+    args = {"one device": (params, carry, xs, targets), f"split over {devices}": (params, carry, *placed)}
+    compiled = {name: (jax.jit(jax.value_and_grad(fn)).lower(*args[name]).compile(), args[name])
+                for name, fn in zip(args, (one_device, split))}
+    temp = {name: c.memory_analysis().temp_size_in_bytes for name, (c, _) in compiled.items()}  # per device
+    row = dict(T=T, B=B, D=D, H=H, devices=devices, temp_mb={k: v / 2**20 for k, v in temp.items()},
+               memory_ratio_x_n=temp[f"split over {devices}"] / temp["one device"] * devices)
+    # time only what fits: either call holds all of T at once in this process (the split one on its
+    # devices together), one call at a time
+    resident = [c.memory_analysis().argument_size_in_bytes + t for (c, _), t in zip(compiled.values(), temp.values())]
+    need = max(resident[0], devices * resident[1])
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > available / 2:
+        row.update(ms={name: float("nan") for name in compiled},
+                   skipped=f"timing needs about {need / 2**30:.1f} GB, {available / 2**30:.1f} GB free")
+    else:
+        row["ms"] = _interleaved({}, (), budget_s, compiled=compiled)
+        row["time_ratio"] = row["ms"][f"split over {devices}"] / row["ms"]["one device"]
+    return row
+
+
+def sharded_rows(configs, budget_s, timeout_s: int = 1800):
+    """Table 4, each row in a process of its own with `devices` host devices."""
+    rows = []
+    for T, B, D, H, devices in configs:
+        # the caller's XLA flags (optimisation level, say) apply to this process too
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+        argv = [sys.executable, "-m", "benchmarks._parallel_time", *map(str, (T, B, D, H, devices, budget_s))]
+        result = subprocess.run(argv, env=dict(os.environ, XLA_FLAGS=flags), capture_output=True, text=True,
+                                timeout=timeout_s)
+        if result.returncode:
+            raise RuntimeError(f"the time-split row T={T} failed:\n{result.stderr[-2000:]}")
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    return rows
+
+
 def _print_header(title, methods, keys):
     print(f"\n== {title}")
     print(" ".join(f"{k:>6s}" for k in keys) + "".join(f" {m:>20s}" for m in methods) + "   (ms)", flush=True)
@@ -147,6 +212,10 @@ def _print_row(r, keys):
     extra = [f"{k} {r[k]:.2f}x" for k in ("fwd_speedup", "grad_speedup", "speedup") if k in r]
     if "iterations" in r:
         extra.append("iterations " + ", ".join(f"{m} {n}" for m, n in r["iterations"].items()))
+    if "temp_mb" in r:
+        extra.append(f"time ratio {r['time_ratio']:.2f}" if "time_ratio" in r else r["skipped"])
+        extra.append("temp MB per device " + ", ".join(f"{m} {mb:.1f}" for m, mb in r["temp_mb"].items())
+                     + f" (x devices / one device: {r['memory_ratio_x_n']:.2f})")
     print(line + "   " + "; ".join(extra), flush=True)
 
 
@@ -161,6 +230,9 @@ TABLES = (
     ("deer", "deer", deer_rows, ("cell", "T", "B", "D", "H"),
      ("lax.scan fwd", "DEER fwd", "quasi-DEER fwd", "jax.grad(lax.scan)", "DEER fwd+bwd", "quasi-DEER fwd+bwd"),
      "DEER / quasi-DEER (default tol; batch by jax.vmap), against lax.scan"),
+    ("sharded", "sharded", sharded_rows, ("T", "B", "D", "H", "devices"), ("one device", "split over 8"),
+     "LRU loss + grads (cell.parallel), time split over host devices (shard_map, axis_name=) against one "
+     "device; host devices share this machine's cores"),
 )
 
 
@@ -178,3 +250,7 @@ def run(*, smoke: bool = False, budget_s: float = 1.5) -> dict:
             report[name].append(row)
     return report
 
+
+if __name__ == "__main__":
+    T, B, D, H, devices = map(int, sys.argv[1:6])
+    print(json.dumps(_split_training_step(T, B, D, H, devices, float(sys.argv[6]))))

@@ -51,11 +51,12 @@ rank, procs = jax.process_index(), jax.process_count()
 START = time.time()
 
 
-def global_array(tree, spec):
-    """This process's block of a whole-batch value, assembled into one array over all processes."""
+def global_array(tree, spec, mesh=mesh, split="data"):
+    """This process's block of a whole-batch value (or whole sequence, split along `split`),
+    assembled into one array over all processes."""
 
     def one(a):
-        axis = spec.index("data") if "data" in spec else None
+        axis = spec.index(split) if split in spec else None
         if axis is None:
             return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), np.asarray(a), a.shape)
         rows = a.shape[axis] // procs
@@ -122,6 +123,27 @@ def check_online():
     check("online_tbptt stream", got, want)
 
 
+def check_time_split():
+    """`linear_scan` with time split over all devices: process i holds the i-th stretch of the
+    sequence, and the states and their cotangents cross processes through its all-gathers."""
+    time_mesh = jax.make_mesh((jax.device_count(),), ("time",), axis_types=(jax.sharding.AxisType.Auto,))
+    a, b, w = (jax.random.uniform(jax.random.key(i), (24, 3), minval=0.5) for i in range(3))
+    h0 = jnp.ones(3)
+
+    def grads(scan):
+        return jax.value_and_grad(lambda a, b, h0, w: jnp.sum(scan(a, b, h0) * w), argnums=(0, 1, 2))
+
+    def whole(a, b, h0):
+        return jax.lax.scan(lambda h, ab: (ab[0] * h + ab[1],) * 2, h0, (a, b))[1]
+
+    local = lambda a, b, h0: jb.linear_scan(a, b, h0, axis_name="time")
+    split = jax.shard_map(local, mesh=time_mesh, in_specs=(P("time"), P("time"), P()), out_specs=P("time"))
+    want = on_first(grads(whole), a, b, h0, w)
+    put = lambda tree, spec: global_array(tree, spec, time_mesh, "time")
+    got = jax.jit(grads(split))(put(a, P("time")), put(b, P("time")), put(h0, P()), put(w, P("time")))
+    check(f"time-split linear_scan over {jax.device_count()} devices", got, want)
+
+
 def sweep_problem():
     """A 16-run sweep (2 learning rates x 2 seeds x 2 clip norms x 2 truncation lengths)."""
     model = jb.with_readout(jb.elman(6), 1)
@@ -160,6 +182,7 @@ try:
         check_data_parallel()
         check_training()
         check_online()
+        check_time_split()
     check_sweep()
 except BaseException:
     # A failed check exits at once: a normal exit would wait at jax.distributed's shutdown barrier

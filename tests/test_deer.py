@@ -93,3 +93,19 @@ def test_option_errors(kwargs, error, match):
 def test_integer_carry_rejected():
     with pytest.raises(TypeError, match="carry leaf must be a real float"):
         jb.deer(lambda p, c, x: (c + 1, x), None, jnp.zeros(2, jnp.int32), jnp.ones((3, 2)))
+
+
+def test_split_over_time_on_one_device():
+    """`axis_name=` inside `jax.shard_map` on a one-device mesh (8 devices: tests/sharded_check.py):
+    quasi-DEER, whose solve is a split `linear_scan`; the final carry and info come back replicated."""
+    from jax.sharding import PartitionSpec as P
+
+    cell = jb.elman(H)
+    params, carry, xs = _problem(cell)
+    mesh = jax.make_mesh((1,), ("time",), axis_types=(jax.sharding.AxisType.Auto,))
+    solve = lambda axis_name: lambda p, c, x: jb.deer(cell.step, p, c, x, quasi=True, tol=0.0, axis_name=axis_name)
+    split = jax.shard_map(solve("time"), mesh=mesh, in_specs=(P(), P(), P("time")), out_specs=(P(), P("time")))
+    grads = lambda f: jax.jit(jax.value_and_grad(_loss(f), argnums=(0, 1, 2)))(params, carry, xs)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14), grads(split), grads(solve(None)))
+    with pytest.raises(ValueError, match=r"deer: axis_name 'time' is not a bound axis name here"):
+        solve("time")(params, carry, xs)

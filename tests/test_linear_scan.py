@@ -165,3 +165,66 @@ def test_auto_picks_sequential_on_cpu():
     jaxprs = {m: str(jax.make_jaxpr(_method(m))(jnp.ones(64), jnp.ones(64), jnp.zeros(()))) for m in METHODS + ("auto",)}
     assert jax.default_backend() == "cpu"
     assert jaxprs["auto"] == jaxprs["sequential"] != jaxprs["associative"]
+
+
+def test_zero_decay_forgets_exactly_in_every_method():
+    """Decays near the float range: the parallel methods' products of 1e200 * 1e200 overflow to inf,
+    and a zero decay after them must still forget them exactly (0, not 0 * inf = NaN), as the
+    sequential loop does; a NaN decay still gives NaN."""
+    a = jnp.array([1e200] * 8 + [0.0] + [0.99] * 7)
+    b = jnp.array([0.0] * 8 + [1.0] * 8)
+
+    def run(scan):  # states, the gradient of a loss on the last steps, and the states after a NaN decay
+        h0 = jnp.float64(0.0)
+        grad = jax.grad(lambda a, b: jnp.sum(scan(a, b, h0)[-3:]), (0, 1))
+        return jax.jit(lambda a, b: (scan(a, b, h0), grad(a, b), scan(a.at[2].set(jnp.nan), b, h0)))(a, b)
+
+    want = run(sequential)
+    assert np.isfinite(want[0]).all() and all(np.isfinite(g).all() for g in want[1]) and np.isnan(want[2][2:]).all()
+    for method in METHODS:
+        got = run(_method(method))
+        jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-12), got, want)
+
+
+def _split_over_time(fn, in_specs, out_specs, axis="time"):
+    """`fn` under `jax.shard_map` on a one-device mesh (multi-device runs: tests/sharded_check.py)."""
+    mesh = jax.make_mesh((1,), (axis,), axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs))
+
+
+def test_time_split_on_one_device():
+    """`axis_name` on a one-device mesh runs the split code with one slice: float32 under jit, vmap
+    inside the shard, and check_grads of the split VJP (reverse, complex)."""
+    from jax.sharding import PartitionSpec as P
+
+    a, b, h0 = (x.astype(jnp.float32) for x in _data(9))
+    split = _split_over_time(lambda a, b, h0: jb.linear_scan(a, b, h0, axis_name="time"), (P("time"),) * 2 + (P(),), P("time"))
+    got = split(a, b, h0)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, sequential(a, b, h0), rtol=1e-6)
+    h0s = jnp.stack([h0, 2 * h0])
+    mapped = _split_over_time(lambda b, h0s: jax.vmap(lambda h: jb.linear_scan(0.9, b, h, axis_name="time"))(h0s),
+                              (P("time"), P()), P(None, "time"))
+    np.testing.assert_allclose(mapped(b, h0s), jax.vmap(lambda h: sequential(jnp.float32(0.9), b, h))(h0s), rtol=1e-6)
+    a, b, h0 = _data(10, True)
+    f = _split_over_time(lambda a, b, h0: jb.linear_scan(a, b, h0, reverse=True, axis_name="time"),
+                         (P("time"),) * 2 + (P(),), P("time"))
+    check_grads(f, (a[:6, 0], b[:6, 0], h0[0]), order=1, modes=["rev"])
+
+
+def test_decay_replicated_over_a_split_batch():
+    """A shared decay replicated (P()) while the batch is split: its gradient is the sum over devices,
+    which needs the custom VJP's inputs cast to vary like its outputs."""
+    from jax.sharding import PartitionSpec as P
+
+    _, b, h0 = _data(11)
+    lam = jnp.linspace(0.5, 0.9, H)
+    split = _split_over_time(jb.linear_scan, (P(), P(None, "data"), P("data")), P(None, "data"), axis="data")
+    got = jax.grad(lambda lam: jnp.sum(split(lam, b, h0) ** 2))(lam)
+    np.testing.assert_allclose(got, jax.grad(lambda lam: jnp.sum(sequential(lam, b, h0) ** 2))(lam), rtol=1e-10)
+
+
+def test_axis_name_must_be_bound():
+    with pytest.raises(ValueError, match=r"linear_scan: axis_name 'time' is not a bound axis name here\. Call "
+                                         r"linear_scan inside jax.shard_map"):
+        jb.linear_scan(jnp.ones(3), jnp.ones(3), jnp.zeros(()), axis_name="time")

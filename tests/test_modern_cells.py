@@ -138,3 +138,25 @@ def test_adding_experiment_at_a_tiny_size():
     assert (result.experiment, result.model, result.iterations) == ("adding, T=10", "minGRU (lr 0.01)", 20)
     assert result.curves.shape == (1, 20) and np.isfinite(result.curves).all()
     assert result.values.shape == (1,) and np.isfinite(result.values).all()
+
+
+def test_parallel_split_over_time_on_one_device():
+    """`parallel(..., axis_name=)` inside `jax.shard_map` on a one-device mesh (8 devices:
+    tests/sharded_check.py): minLSTM in float64 with gradients, the LRU in float32; the final carry
+    comes back replicated (out_specs P())."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("time",), axis_types=(jax.sharding.AxisType.Auto,))
+    for name, dtype, rtol in (("minlstm", jnp.float64, 1e-12), ("lru", jnp.float32, 1e-5)):
+        cell, params, carry, xs, targets = _problem(name, dtype)
+
+        def split(params, carry, xs, cell=cell):
+            return jax.shard_map(lambda p, c, x: cell.parallel(p, c, x, axis_name="time"), mesh=mesh,
+                                 in_specs=(P(), P(), P("time")), out_specs=(P(), P("time")))(params, carry, xs)
+
+        grads = lambda form: jax.jit(jax.value_and_grad(_loss(form), argnums=(0, 1, 2)))(params, carry, xs, targets)
+        got, want = grads(split), grads(cell.parallel)
+        assert got[0].dtype == want[0].dtype == dtype
+        jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol), got, want)
+    with pytest.raises(ValueError, match=r"parallel: axis_name 'time' is not a bound axis name here"):
+        cell.parallel(params, carry, xs, axis_name="time")

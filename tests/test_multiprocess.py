@@ -1,6 +1,7 @@
 """Beyond one process: two processes on 127.0.0.1, each with two host devices, equal one process on
-the whole batch (tests/multiprocess_worker.py), and a sweep split over their four devices equals the
-unsplit sweep; a missing peer or a taken port is an error within seconds, not a hang."""
+the whole batch (tests/multiprocess_worker.py), a sequence split over their four devices along time
+equals the whole sequence, and a sweep split over them equals the unsplit sweep; a missing peer or a
+taken port is an error within seconds, not a hang."""
 
 import os
 import pathlib
@@ -65,7 +66,7 @@ def test_two_processes_equal_one(launch):
         assert code == 0 and "worker ok" in out, f"process {i} exited {code}:\n{out[-4000:]}"
         if i == 0:  # process 0 compares every result against the whole batch
             for check in ("data_parallel lstm", "make_train_step", "online_tbptt",
-                          "sharded_sweep, 16 runs over 4 devices"):
+                          "time-split linear_scan over 4 devices", "sharded_sweep, 16 runs over 4 devices"):
                 assert check in out, out[-4000:]
 
 

@@ -1,4 +1,4 @@
-"""Multi-device data parallelism, in its own process with 8 host devices."""
+"""Multi-device data parallelism and time split over devices, in its own process with 8 host devices."""
 
 import os
 import pathlib

@@ -3,11 +3,14 @@
 Each is a `Cell` with both forms:
 - `step(params, carry, x) -> (carry, y)`, the sequential cell, usable with every option of
   `jaxbptt.unroll` / `jaxbptt.value_and_grad` (truncation, clip_norm, diagnostics, remat, ...);
-- `parallel(params, carry, xs) -> (final_carry, ys)`, the whole sequence at once: the inputs'
-  contributions for all steps are computed first, then `h_t = a_t * h_{t-1} + b_t` is one
-  `jaxbptt.linear_scan`. It equals `lax.scan` of `step`, values and gradients, and is
-  differentiated by `jax.grad` / `jax.vjp` (exact gradients only: truncation and per-step
-  clipping act inside a sequential reverse loop and have no parallel form here).
+- `parallel(params, carry, xs, *, axis_name=None) -> (final_carry, ys)`, the whole sequence at
+  once: the inputs' contributions for all steps are computed first, then
+  `h_t = a_t * h_{t-1} + b_t` is one `jaxbptt.linear_scan`. It equals `lax.scan` of `step`,
+  values and gradients, and is differentiated by `jax.grad` / `jax.vjp` (exact gradients only:
+  truncation and per-step clipping act inside a sequential reverse loop and have no parallel form
+  here). With `axis_name`, inside `jax.shard_map` with time split over that mesh axis, `xs` and
+  `ys` are this device's slice and the scan is split as `linear_scan(..., axis_name=)` splits it;
+  `final_carry` is the whole sequence's, on every device.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import jax.numpy as jnp
 
 from .. import _validate as v
 from .._cells.rnn import Cell, _check_positive_int, _dense, _lecun_normal, _zeros_carry
+from .._parallel import time_sharding
 from .._parallel.linear_scan import linear_scan
 
 
@@ -31,11 +35,19 @@ def _parallel_form(coefficients, output=None):
     """`parallel` from `coefficients(params, xs) -> (a, b)` (each broadcastable to (T, *batch, H))
     and an optional `output(params, hs, xs) -> ys` (default: the states)."""
 
-    def parallel(params, carry, xs):
+    def parallel(params, carry, xs, *, axis_name=None):
         length = v.time_length("xs", xs)
+        if axis_name is not None:
+            time_sharding.axis_size("parallel", axis_name)
         a, b = coefficients(params, xs)
-        hs = linear_scan(a, b, jnp.asarray(carry, b.dtype))
-        final = hs[-1] if length else jnp.asarray(carry, b.dtype)
+        h0 = jnp.asarray(carry, b.dtype)
+        hs = linear_scan(a, b, h0, axis_name=axis_name)
+        if not length:
+            final = h0
+        elif axis_name is None:
+            final = hs[-1]
+        else:  # the last slice's end, where the sequence ends
+            final = time_sharding.last_on_every_device(hs[-1], axis_name)
         return final, (hs if output is None else output(params, hs, xs))
 
     return parallel
@@ -71,7 +83,8 @@ def mingru(hidden_size: int) -> Cell:
 
     Returns:
       A `Cell` with params `{"W_z", "W_h": (D, H), "b_z", "b_h": (H,)}`, carry `(*batch, H)` and a
-      `parallel(params, carry, xs) -> (final_carry, ys)` form. `step` works with every option of
+      `parallel(params, carry, xs, *, axis_name=None) -> (final_carry, ys)` form (time split over
+      devices with `axis_name`: see the module). `step` works with every option of
       `jaxbptt.value_and_grad`; `parallel` gives exact gradients by `jax.grad`.
 
     Examples:
@@ -111,8 +124,9 @@ def minlstm(hidden_size: int) -> Cell:
 
     Returns:
       A `Cell` with params `{"W_f", "W_i", "W_h": (D, H), "b_f", "b_i", "b_h": (H,)}`, carry
-      `(*batch, H)` and a `parallel(params, carry, xs) -> (final_carry, ys)` form. `step` works
-      with every option of `jaxbptt.value_and_grad`; `parallel` gives exact gradients by `jax.grad`.
+      `(*batch, H)` and a `parallel(params, carry, xs, *, axis_name=None) -> (final_carry, ys)` form
+      (time split over devices with `axis_name`: see the module). `step` works with every option of
+      `jaxbptt.value_and_grad`; `parallel` gives exact gradients by `jax.grad`.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxbptt as jb
@@ -165,7 +179,8 @@ def lru(hidden_size: int, r_min: float = 0.0, r_max: float = 1.0, *, max_phase: 
     Returns:
       A `Cell` whose carry is complex (`complex64` for float32 params, `complex128` for float64),
       `initial_carry(batch_shape, dtype)` giving the complex dtype of that precision, and a
-      `parallel(params, carry, xs) -> (final_carry, ys)` form. `step` works with every option of
+      `parallel(params, carry, xs, *, axis_name=None) -> (final_carry, ys)` form (time split over
+      devices with `axis_name`: see the module). `step` works with every option of
       `jaxbptt.value_and_grad`; `parallel` gives exact gradients by `jax.grad`.
 
     Raises:

@@ -16,11 +16,17 @@ The gradient does not backpropagate through the iterations. At the solution, the
 `s_t = f(s_{t-1}, x_t)` is the linear recurrence `lambda_t = g_t + J_{t+1}^T lambda_{t+1}`: one
 reverse matrix associative scan with the full Jacobians at the solution (in both modes, so that the
 gradient is exact), then one batched VJP of `f` over all steps.
+
+Split over devices along time (`axis_name`), every piece stays local to a device's slice but three:
+the state before each slice's first step comes from the previous device (one `ppermute`), the
+linear solves carry their states across slices (`time_sharding.carry_across`: for the matrix scan,
+the slice's cumulative products from its associative scan carry the entering state to every step),
+and the convergence test takes its maximum over all devices.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Hashable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +34,9 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from .. import _validate as v
+from .._parallel import time_sharding
 from .._parallel.linear_scan import linear_scan
+from .._parallel.time_sharding import shift
 from .._types import PyTree, StepFn
 
 
@@ -59,20 +67,29 @@ def _combine(earlier, later):
     return _matmul(a2, a1), _matvec(a2, b1) + b2
 
 
-def _matrix_scan(a, b, h0, reverse=False):
-    """`h_t = a_t @ h_{t-1} + b_t` (a: (T, n, n), b: (T, n), h0: (n,)) by an associative scan."""
-    first = -1 if reverse else 0
-    b = b.at[first].add(a[first] @ h0)
-    return lax.associative_scan(_combine, (a, b), reverse=reverse)[1]
+def _matrix_scan(a, b, h0, reverse=False, axis_name=None):
+    """`h_t = a_t @ h_{t-1} + b_t` (a: (T, n, n), b: (T, n), h0: (n,)) by an associative scan;
+    with `axis_name`, of this device's slice of a sequence split over that axis."""
+    if axis_name is None:
+        first = -1 if reverse else 0
+        b = b.at[first].add(a[first] @ h0)
+        return lax.associative_scan(_combine, (a, b), reverse=reverse)[1]
+    products, local = lax.associative_scan(_combine, (a, b), reverse=reverse)
+    last = 0 if reverse else -1
+    entering, _ = time_sharding.carry_across(local[last], products[last], h0, axis_name, reverse, _matvec)
+    return local + products @ entering
 
 
-def _solver(f, length: int, quasi: bool, max_iters: int, tol):
+def _solver(f, length: int, quasi: bool, max_iters: int, tol, axis_name):
     """The custom-VJP solve `(params, s0, xs) -> (states (T, n), DeerInfo)` of `s_t = f(params, s_{t-1}, x_t)`."""
     f_all = jax.vmap(f, in_axes=(None, 0, 0))
     jac_all = jax.vmap(jax.jacfwd(f, argnums=1), in_axes=(None, 0, 0))
 
     def previous(s0, states):
-        return jnp.concatenate([s0[None], states[:-1]])
+        return shift(states, s0, toward_start=False, axis_name=axis_name)
+
+    def largest(x):  # over the whole sequence, so that every device stops at the same iteration
+        return jnp.max(x) if axis_name is None else lax.pmax(jnp.max(x), axis_name)
 
     def newton(params, s0, xs):
         scale = None if tol is not None else jnp.sqrt(jnp.finfo(s0.dtype).eps)
@@ -83,14 +100,14 @@ def _solver(f, length: int, quasi: bool, max_iters: int, tol):
             fs, jac = f_all(params, prev, xs), jac_all(params, prev, xs)
             if quasi:
                 diag = jnp.diagonal(jac, axis1=-2, axis2=-1)
-                new = linear_scan(diag, fs - diag * prev, s0)
+                new = linear_scan(diag, fs - diag * prev, s0, axis_name=axis_name)
             else:
-                new = _matrix_scan(jac, fs - _matvec(jac, prev), s0)
-            return k + 1, new, jnp.max(jnp.abs(new - states))
+                new = _matrix_scan(jac, fs - _matvec(jac, prev), s0, axis_name=axis_name)
+            return k + 1, new, largest(jnp.abs(new - states))
 
         def cond(state):
             k, states, change = state
-            limit = tol if tol is not None else scale * jnp.maximum(1, jnp.max(jnp.abs(states)))
+            limit = tol if tol is not None else scale * jnp.maximum(1, largest(jnp.abs(states)))
             return (k < max_iters) & ~(change <= limit)
 
         init = (jnp.zeros((), jnp.int32), jnp.broadcast_to(s0, (length,) + s0.shape),
@@ -112,11 +129,15 @@ def _solver(f, length: int, quasi: bool, max_iters: int, tol):
         prev = previous(s0, states)
         jac_t = jnp.swapaxes(jac_all(params, prev, xs), -1, -2)
         # lambda_t = g_t + J_{t+1}^T lambda_{t+1}: a reverse scan whose decay at t is J_{t+1}^T.
-        a_next = jnp.concatenate([jac_t[1:], jnp.zeros_like(jac_t[:1])])
-        lam = _matrix_scan(a_next, g, jnp.zeros_like(s0), reverse=True)
+        a_next = shift(jac_t, jnp.zeros_like(jac_t[0]), toward_start=True, axis_name=axis_name)
+        lam = _matrix_scan(a_next, g, jnp.zeros_like(s0), reverse=True, axis_name=axis_name)
         _, vjp = jax.vjp(f_all, params, prev, xs)
         d_params, d_prev, d_xs = vjp(lam)
-        return d_params, d_prev[0], d_xs
+        # d_prev[0] is the cotangent of the state before the slice: s0's on the first device; on
+        # the others, that of the previous slice's last state, already carried by the scan
+        ds0 = d_prev[0] if axis_name is None else jnp.where(time_sharding.first_device(axis_name, False),
+                                                               d_prev[0], jnp.zeros_like(d_prev[0]))
+        return d_params, ds0, d_xs
 
     solve.defvjp(solve_fwd, solve_bwd)
     return solve
@@ -141,6 +162,7 @@ def deer(
     max_iters: int | None = None,
     tol: float | None = None,
     return_info: bool = False,
+    axis_name: Hashable | None = None,
 ):
     """`lax.scan` of any step, solved in parallel over time by Newton iterations (DEER / quasi-DEER).
 
@@ -160,6 +182,12 @@ def deer(
     solution, not backpropagation through the iterations. The options of `jaxbptt.value_and_grad`
     (truncation, clipping, ...) do not apply.
 
+    With `axis_name`, the call runs inside `jax.shard_map` with time split over that mesh axis (as
+    `jaxbptt.linear_scan(..., axis_name=)`): `xs` and `ys` are this device's slice, every Newton
+    iteration's linear solve is split across the devices, the iterations stop together (the
+    largest change over all devices), and `final_carry` and `info` are the whole sequence's, on
+    every device. Values and gradients equal the unsharded call's.
+
     Args:
       step: `step(params, carry, x) -> (carry, y)`, with a float carry.
       params, carry, xs: as for `lax.scan`; time is the leading axis of every leaf of `xs`.
@@ -170,13 +198,15 @@ def deer(
         `sqrt(eps) * max(1, max |s|)` in the carry's dtype; quasi-DEER, converging linearly, may need a
         smaller `tol` for full accuracy). `tol=0` runs until the states stop changing or `max_iters`.
       return_info: also return a `DeerInfo(iterations, max_change)`.
+      axis_name: the mesh axis that time is split over, inside `jax.shard_map` (None: one device).
+        T must be a multiple of the axis size (`shard_map` splits arrays evenly).
 
     Returns:
       `(final_carry, ys)`, or `(final_carry, ys, info)` with `return_info=True`.
 
     Raises:
       TypeError / ValueError: at trace time, for a step that changes its carry, xs without a common
-        time axis, or options out of range.
+        time axis, options out of range, or an `axis_name` that names no bound axis.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxbptt as jb
@@ -193,6 +223,7 @@ def deer(
     if not isinstance(return_info, bool):
         raise TypeError(f"deer: return_info must be a bool; got {return_info!r}.")
     length = v.time_length("xs", xs)
+    devices = 1 if axis_name is None else time_sharding.axis_size("deer", axis_name)
     carry = v.check_carry(step, params, carry, xs)
     for keypath, leaf in jax.tree_util.tree_leaves_with_path(carry):
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
@@ -207,9 +238,12 @@ def deer(
     def f(params, s, x):
         return ravel_pytree(step(params, unravel(s), x)[0])[0]
 
-    solve = _solver(f, length, quasi, length if max_iters is None else max_iters, tol)
+    solve = _solver(f, length, quasi, length * devices if max_iters is None else max_iters, tol, axis_name)
+    # the solve's custom VJP returns cotangents that vary over the devices as its outputs do
+    leaves, tree = jax.tree.flatten((params, s0, xs))
+    params, s0, xs = jax.tree.unflatten(tree, time_sharding.match_varying(*map(jnp.asarray, leaves)))
     states, info = solve(params, s0, xs)
-    prev = jnp.concatenate([s0[None], states[:-1]])
+    prev = shift(states, s0, toward_start=False, axis_name=axis_name)
     _, ys = jax.vmap(lambda s, x: step(params, unravel(s), x))(prev, xs)
-    final = unravel(states[-1])
-    return (final, ys, info) if return_info else (final, ys)
+    last = states[-1] if axis_name is None else time_sharding.last_on_every_device(states[-1], axis_name)
+    return (unravel(last), ys, info) if return_info else (unravel(last), ys)
