@@ -21,19 +21,23 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROW_KEYS = {"device", "dtype", "cell", "T", "B", "D", "H", "method", "time_ms", "p25_ms", "p75_ms", "repeats",
             "compile_s", "temp_bytes", "grad_rel_err", "gflops", "peak_fraction"}
 
+
 # One compilation cache for the benchmark processes: the smoke sizes repeat across suites.
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"),
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.05", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
 
 def _run(argv):
     result = subprocess.run([sys.executable, *argv], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
+
 def test_default_suite_runs_as_the_readme_says(tmp_path):
     """`python -m benchmarks` itself, the main job, with `--smoke`: the default suite."""
     stdout = _run(["-m", "benchmarks", "--smoke", "--json", str(tmp_path / "report.json")])
     check_report("default", json.loads((tmp_path / "report.json").read_text()), stdout)
+
 
 def test_every_other_suite_runs(tmp_path):
     """The other suites, one after another in one process (tests/benchmark_smoke.py)."""
@@ -43,6 +47,7 @@ def test_every_other_suite_runs(tmp_path):
     for suite in others:
         report = json.loads((tmp_path / f"{suite}.json").read_text())
         check_report(suite, report, (tmp_path / f"{suite}.txt").read_text())
+
 
 def check_report(suite, report, stdout):
     assert report["suite"] == suite and report["peak_gflops"] > 0
@@ -69,6 +74,7 @@ def check_report(suite, report, stdout):
     for name in SUITE_EXTRAS.get(suite, ()):
         assert report[name], name
     assert all(f"Ratios to {s.baseline}" in stdout for s in SUITES[suite])
+
 
 def test_each_model_has_its_own_flop_count():
     """The FLOP rate and peak fraction of a row count its own model's matrix products: a mask adds
