@@ -14,6 +14,12 @@ from ._cells.rnn import elman as elman
 from ._cells.rnn import gru as gru
 from ._cells.rnn import lstm as lstm
 from ._cells.rnn import with_readout as with_readout
+from ._cells.revcells import RevGRUState as RevGRUState
+from ._cells.revcells import RevLSTMState as RevLSTMState
+from ._cells.revcells import revgru as revgru
+from ._cells.revcells import revlstm as revlstm
+from ._cells.reversible import coupled as coupled
+from ._cells.reversible import invertible as invertible
 from ._cells.combinators import lengths_to_mask as lengths_to_mask
 from ._cells.combinators import masked as masked
 from ._cells.combinators import resettable as resettable
@@ -44,6 +50,7 @@ from ._plot import plot_gradient_flow as plot_gradient_flow
 from ._core.reference import check_grads as check_grads
 from ._engine.remat import Binomial as Binomial
 from ._engine.remat import Every as Every
+from ._engine.remat import Invert as Invert
 from ._engine.remat import Sqrt as Sqrt
 from ._core.reference import clip_identity as clip_identity
 from ._core.reference import reference_unroll as reference_unroll
@@ -67,12 +74,15 @@ __all__ = [
     "DeerInfo",
     "Diagnostics",
     "Every",
+    "Invert",
     "Kernel",
     "LSTMState",
     "Online",
     "OnlineGradState",
     "OnlineState",
     "OnlineTBPTT",
+    "RevGRUState",
+    "RevLSTMState",
     "RTRL",
     "SnAp",
     "Sqrt",
@@ -82,6 +92,7 @@ __all__ = [
     "bidirectional",
     "check_grads",
     "clip_identity",
+    "coupled",
     "data_parallel",
     "deer",
     "diagnostics_probe",
@@ -89,6 +100,7 @@ __all__ = [
     "embedding",
     "generate",
     "gru",
+    "invertible",
     "lengths_to_mask",
     "linear_scan",
     "lru",
@@ -104,6 +116,8 @@ __all__ = [
     "reference_unroll",
     "reference_value_and_grad",
     "resettable",
+    "revgru",
+    "revlstm",
     "sharded_sweep",
     "stacked",
     "tasks",

@@ -16,6 +16,11 @@ decides what the forward pass keeps per block:
   smallest integer with beta(slots, r) >= T (Gruslys et al. 2016 apply it to BPTT). The reverse
   loop computes each next action of that schedule in closed form as it runs (`Schedule.move`), in a
   loop of fixed length, so nothing is built per step and the loop can be differentiated again.
+- `remat=Invert(block)` keeps no carry at all, for steps that declare an inverse: the reverse scan
+  rebuilds each block's starting carry from its final one by running the inverse over the block's
+  steps backwards (the final carry being the forward pass's), then reverses the block as under
+  `Every`: memory O(block), time one extra pass (the inverse) beyond storing every step, since an
+  inverse that also returns the step's residuals spares the block's recomputation.
 """
 
 from __future__ import annotations
@@ -75,6 +80,38 @@ class Every(NamedTuple):
     """
 
     steps: int
+
+
+class Invert(NamedTuple):
+    """`remat=Invert()`: keep no carry; rebuild each one from the next with the step's inverse.
+
+    For steps that declare `inverse(params, carry_next, x) -> carry` (`jaxbptt.invertible`, the cells
+    `jaxbptt.revgru` and `jaxbptt.revlstm`, `jaxbptt.coupled`); any other step is refused with a
+    `ValueError`. The forward pass keeps only the final carry. The reverse scan walks the blocks
+    backwards: it rebuilds the block's starting carry from its end carry by running the inverse over
+    the block's steps backwards, then reverses the block as under `Every` (its residuals recomputed,
+    or returned by the inverse itself where the kernel's inverse gives them, as the built-in
+    reversible cells' do). Memory: the final carry and one block's residuals, whatever T.
+
+    Attributes:
+      block: steps per block. None: the engine's block for `remat=None`, the fewest steps whose
+        parameter products have about 512 rows (steps x batch rows), and at most T / 8 steps.
+
+    Gradients equal those of `remat=None` to the extent that the inverse is exact: bit for bit for
+    `revgru` and `revlstm`, up to rounding for `coupled`. Composes with every other option.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbptt as jb
+      >>> model = jb.with_readout(jb.revgru(8, max_steps=400), 1)
+      >>> params, xs = model.init(jax.random.key(0), 3), jnp.ones((400, 2, 3))
+      >>> loss = lambda y, t: jnp.sum((y - t) ** 2)
+      >>> f = jb.value_and_grad(model.step, loss, remat=jb.Invert())
+      >>> (value, final), grads = f(params, model.initial_carry((2,)), xs, jnp.zeros((400, 2, 1)))
+      >>> grads["cell"]["W_g1"].shape
+      (4, 4)
+    """
+
+    block: Optional[int] = None
 
 
 class Sqrt(NamedTuple):
@@ -164,6 +201,7 @@ class Plan(NamedTuple):
     groups: tuple[tuple[int, int, int], ...]  # (first step, block length, number of blocks)
     store: bool  # True: keep every step's residuals; False: keep block-start carries only
     schedule: Optional[Schedule] = None  # a binomial schedule over the blocks (nothing kept forward)
+    invert: bool = False  # remat=Invert(): nothing kept forward but the final carry; blocks rebuilt by the inverse
 
 
 def _even_block(length: int, block: int) -> int:
@@ -193,6 +231,12 @@ def validate_remat(remat) -> None:
             raise ValueError(f"remat=Binomial(slots) needs an int slots >= 1 (carries kept); got slots={remat.slots!r}.")
         if remat.block is not None and (not isinstance(remat.block, int) or remat.block < 1):
             raise ValueError(f"remat=Binomial(slots, block) needs block None or an int >= 1; got block={remat.block!r}.")
+        return
+    if isinstance(remat, Invert):
+        if remat.block is not None and (isinstance(remat.block, bool) or not isinstance(remat.block, int)
+                                        or remat.block < 1):
+            raise ValueError(f"remat=Invert(block) needs block None or an int >= 1 (steps per block); got "
+                             f"block={remat.block!r}.")
         return
     if isinstance(remat, bool) or not isinstance(remat, int):
         raise TypeError(
@@ -225,6 +269,8 @@ def make_plan(length: int, remat, rows_per_step: int, elements_per_step: int = 0
                 f"slots or a larger block."
             )
         return Plan(length, groups, store=False, schedule=schedule)
+    if isinstance(remat, Invert):
+        return Plan(length, _groups(length, remat.block or block), store=False, invert=True)
     segment = math.ceil(math.sqrt(length)) if remat == "sqrt" else remat
     return Plan(length, _groups(length, segment), store=False)
 
