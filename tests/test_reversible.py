@@ -222,3 +222,11 @@ def _wrong_inverse():
 def test_errors_name_the_argument(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_char_lm_measures_invert_memory():
+    from examples import char_lm
+
+    args = char_lm.parse(["--cell", "revlstm", "--hidden", "8", "--embed", "4", "--batch", "2", "--memory-length", "64"])
+    memory = char_lm.gradient_memory(args, 30)
+    assert memory["Invert()"] < memory["None"]
