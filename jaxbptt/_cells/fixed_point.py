@@ -114,7 +114,10 @@ def push_full(buffer: Buffer) -> Buffer:
         return (jnp.where(full, jnp.zeros_like(word), word), jnp.where(full, 0, since) + 1,
                 depth + full.astype(depth.dtype), words, counts)
 
-    return Buffer(*_per_row(row, *buffer))
+    full = jnp.max(buffer.word, axis=-1, keepdims=True) >= limit
+    # Words fill in tens of steps, so most steps touch no stack: skip it then (under vmap, a select).
+    return lax.cond(jnp.any(full), lambda b: Buffer(*_per_row(row, *b)), lambda b: b._replace(since=b.since + 1),
+                    buffer)
 
 
 def pop_started(buffer: Buffer) -> Buffer:
@@ -131,7 +134,9 @@ def pop_started(buffer: Buffer) -> Buffer:
         return (jnp.where(started, pushed, word), jnp.where(started, counts[slot], since),
                 depth - started.astype(depth.dtype), words, counts.at[slot].set(jnp.where(started, 0, counts[slot])))
 
-    return Buffer(*_per_row(row, *buffer))
+    started = (buffer.since == 1) & (buffer.depth > 0)
+    return lax.cond(jnp.any(started), lambda b: Buffer(*_per_row(row, *b)),
+                    lambda b: b._replace(since=b.since - 1), buffer)
 
 
 def gate_fixed(z: jax.Array, max_forget_bits: int, dtype) -> jax.Array:
@@ -157,13 +162,18 @@ def forget(h: jax.Array, z: jax.Array, word: jax.Array) -> tuple[jax.Array, jax.
     """
     mask = 2**FORGET_RADIX - 1
     stacked = (word << FORGET_RADIX) | (h & mask)  # push h's low bits (h & mask is h mod 2**10 for negative h too)
-    return (h >> FORGET_RADIX) * z + stacked % z, stacked // z
+    quotient = lax.div(stacked, z)  # stacked >= 0: truncation is floor; one division gives both parts
+    return (h >> FORGET_RADIX) * z + (stacked - quotient * z), quotient
 
 
 def remember(h: jax.Array, z: jax.Array, word: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The inverse of `forget` (the paper's `FixedDivide`)."""
-    stacked = word * z + h % z  # floor division and modulo, so negative h round-trips
-    return ((h // z) << FORGET_RADIX) | (stacked & (2**FORGET_RADIX - 1)), stacked >> FORGET_RADIX
+    quotient = lax.div(h, z)
+    remainder = h - quotient * z
+    below = remainder < 0  # floor division and modulo, so negative h round-trips
+    quotient, remainder = jnp.where(below, quotient - 1, quotient), jnp.where(below, remainder + z, remainder)
+    stacked = word * z + remainder
+    return (quotient << FORGET_RADIX) | (stacked & (2**FORGET_RADIX - 1)), stacked >> FORGET_RADIX
 
 
 @jax.custom_jvp
