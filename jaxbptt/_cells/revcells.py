@@ -131,10 +131,11 @@ def revgru(hidden_size: int, *, max_forget_bits: int = 3, max_steps: int = 1000)
     `remat=jaxbptt.Invert()` uses it. Gradients treat the quantisations as the identity (straight
     through), as in the paper.
 
-    The buffer grows with the sequence: it holds the carries of `max_steps` steps whatever the gates
-    (about `max_steps * max_forget_bits / 53` int64 words per unit, `/ 21` int32 words without x64);
-    beyond, `carry.buffer.lost()` turns true and the carry can no longer be inverted exactly (the
-    forward values stay exact).
+    The buffer is sized by `max_steps`: it holds the bits forgotten in that many steps whatever the
+    gates (about `max_steps * max_forget_bits / 53` int64 words per unit, `/ 21` int32 words without
+    x64); beyond, `carry.buffer.lost()` turns true and the carry can no longer be inverted exactly
+    (the forward values stay exact). Training without `remat=jaxbptt.Invert()` never inverts:
+    `max_steps=1` then keeps the carry small, and neither values nor gradients change.
 
     Args:
       hidden_size: H, even.
@@ -370,8 +371,7 @@ def revlstm(hidden_size: int, *, max_forget_bits: int = 3, max_steps: int = 1000
     def backward(params, consts, out, prev_out, res, ct, ct_out):
         (d_h, d_c), (h_new, c_new), (h_old, c_old) = _halves(_join(ct.h, ct.c) + ct_out), _halves(out), _halves(prev_out)
         (d_h1, d_h2), (d_c1, d_c2), (a1, a2) = _halves(d_h), _halves(d_c), _halves(res)
-        (h1_old, h2_old), (c1_old, c2_old), (_, c2_new), (c1_new, _) = (
-            _halves(h_old), _halves(c_old), _halves(c_new), _halves(c_new))
+        (h1_old, h2_old), (c1_old, c2_old), (c1_new, c2_new) = _halves(h_old), _halves(c_old), _halves(c_new)
         dh2_old, dc2_old, d_h1_new, local2 = half_backward(params, 2, d_h2, d_c2, h2_old, c2_old, c2_new, a2)
         dh1_old, dc1_old, d_other, local1 = half_backward(params, 1, d_h1 + d_h1_new, d_c1, h1_old, c1_old, c1_new, a1)
         zeros = jax.tree.map(jnp.zeros_like, ct)
