@@ -118,6 +118,7 @@ METHODS: dict[str, Callable[[Problem, Callable], Bound]] = {
     "remat=sqrt": _jaxbptt(remat="sqrt"),
     "remat=64": _jaxbptt(remat=64),
     "binomial(16)": _jaxbptt(remat=jb.Binomial(16)),
+    "invert": _jaxbptt(remat=jb.Invert()),
     "jax.grad bf16": _bfloat16(_autodiff()),
     "jaxbptt bf16": _bfloat16(_jaxbptt()),
     **{f"jaxbptt u={u}": _jaxbptt(unroll=u) for u in (2, 4, 8)},

@@ -177,8 +177,15 @@ MODELS = {
 }
 
 
+# Reversible cells: their carry's buffer is sized for the sequence (it holds T steps of forgotten bits).
+SIZED_MODELS = {
+    "revgru": lambda H, T: jb.with_readout(jb.revgru(H, max_steps=T), OUTPUT_SIZE),
+    "revlstm": lambda H, T: jb.with_readout(jb.revlstm(H, max_steps=T), OUTPUT_SIZE),
+}
+
+
 def make_problem(cell: str, T: int, B: int, D: int, H: int, dtype=jnp.float32, seed: int = 0) -> Problem:
-    model = MODELS[cell](H)
+    model = SIZED_MODELS[cell](H, T) if cell in SIZED_MODELS else MODELS[cell](H)
     kp, kx, kt = jax.random.split(jax.random.key(seed), 3)
     params = model.init(kp, D, dtype)
     xs = jax.random.normal(kx, (T, B, D), dtype)

@@ -61,6 +61,12 @@ POLICIES = Section(
     ("jax.grad", "jaxbptt", "remat=64", "remat=sqrt", "binomial(16)"), "jax.grad",
     "every memory policy from 10^3 to 10^5 steps (Binomial(16): at most 16 carries kept)",
 )
+REVERSIBLE = Section(
+    "reversible", [(cell, T, 8, 32, 128) for cell in ("revgru", "revlstm") for T in (1000, 4096, 16384, 100_000)],
+    ("jaxbptt", "invert", "remat=sqrt", "binomial(16)", "jax.grad"), "jaxbptt",
+    "reversible cells (max_forget_bits=3, buffer sized for T): remat=Invert() rebuilds every carry with the "
+    "step's inverse; ratios to storing every step (remat=None)",
+)
 QUICK = Section(
     "quick", [(cell, 100, 8, 16, 32) for cell in ("elman", "lstm", "gru", "custom", "leaky", "hypergrad")],
     ("jax.grad", "jaxbptt", "jax.checkpoint", "flax", "equinox", "torch", "k=10", "remat=sqrt"), "jax.grad",
@@ -86,7 +92,7 @@ GPU = Section(
 ONLINE_METHOD_CONFIGS = [("elman", 100, 4, 8, H) for H in (8, 16, 32)] + [("gru", 100, 4, 8, 16)]
 ONLINE_METHOD_TINY = [("elman", 10, 2, 4, 4)]
 
-SUITES = {"default": [CORE, USER, PEERS, OPTIONS, PRECISION, GRID], "user": [USER], "grid": [GRID], "quick": [QUICK], "memory": [MEMORY, POLICIES], "gpu": [GPU],
+SUITES = {"default": [CORE, USER, PEERS, OPTIONS, PRECISION, GRID], "user": [USER], "grid": [GRID], "quick": [QUICK], "memory": [MEMORY, POLICIES, REVERSIBLE], "gpu": [GPU],
           # no sections, their own tables: _online_methods.py, _parallel_time.py, _sharded_sweep.py
           "online": [], "parallel": [], "sharded-sweep": []}
 

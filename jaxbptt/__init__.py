@@ -16,6 +16,12 @@ from ._cells.rnn import elman as elman
 from ._cells.rnn import gru as gru
 from ._cells.rnn import lstm as lstm
 from ._cells.rnn import with_readout as with_readout
+from ._cells.revcells import RevGRUState as RevGRUState
+from ._cells.revcells import RevLSTMState as RevLSTMState
+from ._cells.revcells import revgru as revgru
+from ._cells.revcells import revlstm as revlstm
+from ._cells.reversible import coupled as coupled
+from ._cells.reversible import invertible as invertible
 from ._cells.combinators import lengths_to_mask as lengths_to_mask
 from ._cells.combinators import masked as masked
 from ._cells.combinators import resettable as resettable
@@ -49,6 +55,7 @@ from ._plot import plot_gradient_flow as plot_gradient_flow
 from ._core.reference import check_grads as check_grads
 from ._engine.remat import Binomial as Binomial
 from ._engine.remat import Every as Every
+from ._engine.remat import Invert as Invert
 from ._engine.remat import Sqrt as Sqrt
 from ._core.surrogates import clip_identity as clip_identity
 from ._core.reference import reference_unroll as reference_unroll
@@ -74,6 +81,7 @@ __all__ = [
     "Diagnostics",
     "ES",
     "Every",
+    "Invert",
     "Kernel",
     "LSTMState",
     "NRES",
@@ -82,6 +90,8 @@ __all__ = [
     "OnlineState",
     "OnlineTBPTT",
     "PES",
+    "RevGRUState",
+    "RevLSTMState",
     "RTRL",
     "ReverseScan",
     "SnAp",
@@ -92,6 +102,7 @@ __all__ = [
     "bidirectional",
     "check_grads",
     "clip_identity",
+    "coupled",
     "data_parallel",
     "deer",
     "diagnostics_probe",
@@ -99,6 +110,7 @@ __all__ = [
     "embedding",
     "generate",
     "gru",
+    "invertible",
     "lengths_to_mask",
     "linear_scan",
     "lru",
@@ -114,6 +126,8 @@ __all__ = [
     "reference_unroll",
     "reference_value_and_grad",
     "resettable",
+    "revgru",
+    "revlstm",
     "sharded_sweep",
     "stacked",
     "tasks",

@@ -131,7 +131,7 @@ def test_bad_clip_norm(clip_norm, error, message):
     [
         (0, ValueError, r"remat must be a positive int or jaxbptt.Every\(steps\) .*; got remat=0"),
         (jb.Every(-1), ValueError, r"remat must be a positive int .*; got remat=Every\(steps=-1\)"),
-        ("cubic", TypeError, r"remat must be None, a positive int .*, 'sqrt' .* or jaxbptt.Binomial\(slots\); got 'cubic'"),
+        ("cubic", TypeError, r"remat must be None, a positive int .*, 'sqrt' .*, jaxbptt.Binomial\(slots\) or jaxbptt.Invert\(\); got 'cubic'"),
         (1.5, TypeError, r"remat must be None, a positive int"),
     ],
 )

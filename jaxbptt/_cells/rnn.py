@@ -464,7 +464,9 @@ def _readout_kernel(inner: Kernel) -> Kernel:
     def post(params, outs):
         return _dense(inner.post(params["cell"], outs), params["W_hy"], params["b_y"])
 
-    return Kernel(prepare, project, forward, backward, grads, post, inner.previous_out)
+    inverse = None if inner.inverse is None else (
+        lambda params, consts, carry, u: inner.inverse(params["cell"], consts, carry, u))
+    return Kernel(prepare, project, forward, backward, grads, post, inner.previous_out, inverse)
 
 
 def with_readout(cell: Cell, output_size: int) -> Cell:
@@ -519,7 +521,10 @@ def with_readout(cell: Cell, output_size: int) -> Cell:
 
     inner = cell.step
     if not isinstance(inner, Step) or inner.closure is None:  # the readout itself assumes nothing of the batch
-        return Cell(init, cell.initial_carry, Step(step, make_kernel, same_batch=getattr(inner, "same_batch", False)))
+        readout = Step(step, make_kernel, same_batch=getattr(inner, "same_batch", False))
+        if getattr(inner, "inverse", None) is not None:  # the readout keeps the carry, so the inverse is the cell's
+            readout.inverse = lambda params, carry, x: inner.inverse(params["cell"], carry, x)
+        return Cell(init, cell.initial_carry, readout)
     # The inner step's declared closure (resettable's initial carry) stays declared, so the kernel is kept.
     opened = with_readout(Cell(cell.init, cell.initial_carry, inner.opened), output_size).step
     opened = reparametrized(opened, lambda pc: {**pc[0], "cell": (pc[0]["cell"], pc[1])})

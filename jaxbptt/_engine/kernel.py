@@ -16,7 +16,8 @@ piece inside the sequential reverse loop and touches nothing but the carry adjoi
 linear in `(ct_carry, ct_out)`, and so must `local`, the per-step value from which `grads` forms
 parameter and input gradients for a whole block of steps at once (large matrix products instead of
 one small accumulation per step). `consts = prepare(params, carry, u)` holds
-loop-invariant values, computed once outside every loop.
+loop-invariant values, computed once outside every loop. An invertible step's kernel also has
+`inverse(params, consts, carry_next, u)`, which `remat=Invert()` runs backwards to rebuild carries.
 
 Built-in cells supply hand-derived kernels (see `_cells.py`). Any other step gets `generic_kernel`,
 built on the step's split at its parameter uses (`_split.py`): `forward` keeps only the time-varying
@@ -53,6 +54,10 @@ class Kernel(NamedTuple):
     grads: Callable[..., tuple[PyTree, PyTree]]
     post: Callable[..., PyTree]
     previous_out: Optional[Callable[[PyTree], PyTree]] = None
+    # inverse(params, consts, carry_next, u) -> (carry, kept): the carry entering the step whose
+    # projected input is u, and `kept`, the step's `(out, res)` as `forward` gives them (or None, and
+    # the engine recomputes them); None for a step without an inverse (see `remat=Invert()`).
+    inverse: Optional[Callable[..., tuple[PyTree, Optional[tuple[PyTree, PyTree]]]]] = None
 
 
 class Step:
@@ -129,12 +134,20 @@ def _reparametrized_kernel(inner: Kernel, split) -> Kernel:
 
 
 def kernel_for(step: Callable, params: PyTree, carry: PyTree, x: PyTree) -> Kernel:
-    """The hand-derived kernel of a built-in step, else the generic kernel of `step`."""
+    """The hand-derived kernel of a built-in step, else the generic kernel of `step`; with the step's
+    declared inverse (`jaxbptt.invertible`) when the kernel has none of its own."""
     if isinstance(step, Step) and (
         not step.same_batch or len({np.shape(a)[:-1] for a in jax.tree.leaves((carry, x))}) == 1
     ):
-        return step.make_kernel(params, carry, x)
-    return generic_kernel(step, params, carry, x)
+        kernel = step.make_kernel(params, carry, x)
+    else:
+        kernel = generic_kernel(step, params, carry, x)
+    inverse = getattr(step, "inverse", None)
+    if kernel.inverse is not None or inverse is None:
+        return kernel
+    if kernel.project is not identity_project:  # the declared inverse takes x, which u no longer is
+        kernel = generic_kernel(step, params, carry, x)
+    return kernel._replace(inverse=lambda p, consts, c, u: (inverse(p, c, u), None))
 
 
 def identity_project(params, xs):

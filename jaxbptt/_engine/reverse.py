@@ -103,11 +103,14 @@ class Saved(NamedTuple):
     - every s steps, `"sqrt"`: `groups` holds, per group, the `Blocks` with the carry entering each
       block only (each block is recomputed from it);
     - a binomial schedule (`plan.schedule`): `groups` is empty and `start` is the initial carry, the
-      schedule's first snapshot (it recomputes and stores everything else itself).
+      schedule's first snapshot (it recomputes and stores everything else itself);
+    - `remat=Invert()` (`plan.invert`): `groups` is empty and `end` is the final carry, from which the
+      step's inverse rebuilds every other.
     """
 
     groups: tuple[Blocks, ...] = ()
     start: Optional[PyTree] = None  # the initial carry, for a binomial schedule only
+    end: Optional[PyTree] = None  # the final carry, for remat=Invert() only
 
 
 def forward(kernel: Kernel, params, consts, carry, xs, plan: Plan, opts: "Options", *, loss=None):
@@ -122,6 +125,8 @@ def forward(kernel: Kernel, params, consts, carry, xs, plan: Plan, opts: "Option
     Returns:
       `(final_carry, ys_or_loss, saved)`, `saved` a `Saved`.
     """
+    if plan.invert:
+        check_inverse(kernel, params, consts, carry, xs)
     start_carry, groups, heads = carry, [], []
     for start, block, count in plan.groups:
 
@@ -135,13 +140,15 @@ def forward(kernel: Kernel, params, consts, carry, xs, plan: Plan, opts: "Option
             else:
                 loss_fn, targets = loss
                 head = _block_loss(loss_fn, ys, slice_time(targets, t0, block))
-            keep = None if plan.schedule is not None else Blocks(c, outs, res) if plan.store else Blocks(c)
+            keep = None if plan.schedule is not None or plan.invert else Blocks(c, outs, res) if plan.store else Blocks(c)
             return c_end, (keep, head)
 
         carry, (keep, head) = lax.scan(block_fn, carry, jnp.arange(count))
         groups.append(keep)
         heads.append(head)
     saved = Saved(start=start_carry) if plan.schedule is not None else Saved(groups=tuple(groups))
+    if plan.invert:  # nothing kept but the final carry, from which the inverse rebuilds every other
+        saved = Saved(end=carry)
     if loss is None:
         return carry, _concat_time(heads), saved
     return carry, sum(jnp.sum(h) for h in heads), saved
@@ -336,6 +343,47 @@ def _revolve(bwd: _Backward, plan: Plan, saved: Saved, slots, acc):
     return slots, acc, dx, record
 
 
+def check_inverse(kernel: Kernel, params, consts, carry, xs) -> None:
+    """Trace-time checks of `remat=Invert()`: the step declares an inverse, which returns a carry like
+    the step's."""
+    if kernel.inverse is None:
+        raise ValueError(
+            "remat=jaxbptt.Invert() rebuilds each carry from the next with the step's inverse, but this step "
+            "declares none. Declare it with jaxbptt.invertible(step, inverse), use an invertible step "
+            "(jaxbptt.revgru, jaxbptt.revlstm, jaxbptt.coupled), or choose another remat policy."
+        )
+    u = jax.eval_shape(lambda: jax.tree.map(lambda a: a[0], kernel.project(params, slice_time(xs, 0, 1))))
+    rebuilt, _ = jax.eval_shape(kernel.inverse, params, consts, carry, u)
+    expected = jax.eval_shape(lambda: carry)
+    avals = lambda tree: [(a.shape, a.dtype) for a in jax.tree.leaves(tree)]
+    if jax.tree.structure(rebuilt) != jax.tree.structure(expected) or avals(rebuilt) != avals(expected):
+        raise TypeError(f"the step's inverse must return a carry like the step's (remat=jaxbptt.Invert()): the "
+                        f"carry is {expected} but inverse(params, carry, x) returned {rebuilt}.")
+
+
+def _invert(bwd: _Backward, plan: Plan, saved: Saved, slots, acc):
+    """Walk the blocks backwards from the final carry (`remat=Invert()`): rebuild each block's starting
+    carry with the step's inverse, run backwards over the block's steps, then reverse the block with
+    `_Backward.block` from it (with the steps' `(out, res)` when the inverse returns them)."""
+    kernel, params, consts = bwd.kernel, bwd.params, bwd.consts
+    carry, dx_groups, diag_groups = saved.end, [], []
+    for start, block, count in reversed(plan.groups):
+
+        def block_fn(state, i, start=start, block=block):
+            carry, slots, acc = state
+            t0 = start + i * block
+            us = kernel.project(params, slice_time(bwd.xs, t0, block))
+            carry, kept = lax.scan(lambda c, u: kernel.inverse(params, consts, c, u), carry, us, reverse=True,
+                                   unroll=bwd.opts.unroll)
+            slots, acc, dx, record = bwd.block(slots, acc, t0, block, carry, kept)
+            return (carry, slots, acc), (dx, record)
+
+        (carry, slots, acc), (dx, record) = lax.scan(block_fn, (carry, slots, acc), jnp.arange(count), reverse=True)
+        dx_groups.insert(0, dx)
+        diag_groups.insert(0, record)
+    return slots, acc, _concat_time(dx_groups), _concat_time(diag_groups)
+
+
 def backward(kernel: Kernel, params, consts, xs, saved: Saved, plan: Plan, opts: "Options", *, ct_final, ct_ys=None,
              loss=None):
     """The reverse scan.
@@ -366,6 +414,8 @@ def backward(kernel: Kernel, params, consts, xs, saved: Saved, plan: Plan, opts:
     bwd = _Backward(kernel, params, consts, xs, ct_ys, loss, opts, x_diff)
     if plan.schedule is not None:
         slots, acc, dx_flat, record = _revolve(bwd, plan, saved, slots, acc)
+    elif plan.invert:
+        slots, acc, dx_flat, record = _invert(bwd, plan, saved, slots, acc)
     else:
         dx_groups, diag_groups = [], []
         for g in reversed(range(len(plan.groups))):
