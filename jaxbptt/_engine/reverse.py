@@ -6,10 +6,10 @@ step loop, keep what the plan says, then apply the output map (and the loss) to 
 Reverse: walk the blocks backwards. For each block, get its output cotangents at once (the VJP of
 the output map and loss), run the carry-adjoint loop, then turn the block's per-step `local`
 values into parameter and input gradients with one batched VJP. Inside the loop the state is a
-stack of `slots` carry adjoints: one for exact BPTT and chunked truncation, ceil(k2 / k1) for
+stack of carry adjoints: one for exact BPTT and chunked truncation, ceil(k2 / k1) for
 Williams-Peng truncation, where each chunk of k1 steps backpropagates its own errors through its own
-window. Per step the loop may record the adjoint norm (diagnostics), cut a slot whose window starts
-here (truncation) and rescale each slot to a maximal norm (per-step clipping). So truncation,
+window. Per step the loop may record the adjoint norm (diagnostics), cut an adjoint whose window starts
+here (truncation) and rescale each adjoint to a maximal norm (per-step clipping). So truncation,
 clipping, diagnostics and memory policies are options of this one loop, never separate paths.
 """
 
@@ -155,8 +155,8 @@ def forward(kernel: Kernel, params, consts, carry, xs, plan: Plan, opts: "Option
 
 
 def global_norm(tree, keep: int = 1, axis_name=None) -> jax.Array:
-    """L2 norm over every leaf and every axis but the leading `keep` ones (one norm per slot, or per
-    slot and batch row), accumulated in >= float32; with `axis_name`, also over the shards of a
+    """L2 norm over every leaf and every axis but the leading `keep` ones (one norm per adjoint, or per
+    adjoint and batch row), accumulated in >= float32; with `axis_name`, also over the shards of a
     mapped (batch-split) axis.
 
     Scaled by the largest magnitude, so a norm that fits the dtype is finite even when its square
@@ -179,8 +179,8 @@ def global_norm(tree, keep: int = 1, axis_name=None) -> jax.Array:
 
 
 def _clip_norms(tree, scope: str, axis_name=None) -> jax.Array:
-    """The norms that per-step clipping compares with `clip_norm`: shape (slots,) for scope "batch"
-    (the global norm), (slots, batch) for scope "example" (one norm per row of the carry's leading
+    """The norms that per-step clipping compares with `clip_norm`: shape (adjoints,) for scope "batch"
+    (the global norm), (adjoints, batch) for scope "example" (one norm per row of the carry's leading
     batch axis; rows never span shards, so no reduction over `axis_name`)."""
     if scope == "batch":
         return global_norm(tree, 1, axis_name)
@@ -191,24 +191,24 @@ def _expand(mask, leaf):
     return mask.reshape(mask.shape + (1,) * (leaf.ndim - mask.ndim))
 
 
-def _adjoint_step(kernel, params, consts, out, prev_out, res, slots, ct_out, t, opts: "Options"):
-    """One step of the reverse loop: slots hold the cotangents of carry_t, one per live window."""
+def _adjoint_step(kernel, params, consts, out, prev_out, res, adjoints, ct_out, t, opts: "Options"):
+    """One step of the reverse loop: adjoints hold the cotangents of carry_t, one per live window."""
     trunc, clip_norm, axis_name = opts.truncation, opts.clip_norm, opts.axis_name
     m = trunc.adjoints
     if m == 1:
-        a = jax.tree.map(lambda s: s[0], slots)
+        a = jax.tree.map(lambda s: s[0], adjoints)
         a_prev, local = kernel.backward(params, consts, out, prev_out, res, a, ct_out)
         a_prev = jax.tree.map(lambda x: x[None], a_prev)
     else:
         own = jnp.arange(m) == (t // trunc.chunk) % m  # the errors at t belong to t's own chunk
-        ct_out_slots = jax.tree.map(
+        ct_out_adjoints = jax.tree.map(
             lambda c: jnp.broadcast_to(c, (m,) + c.shape) if c.dtype == jax.dtypes.float0  # an integer output's
             else jnp.where(_expand(own, c[None]), c[None], 0).astype(c.dtype), ct_out)
         backward = jax.vmap(kernel.backward, in_axes=(None, None, None, None, None, 0, 0))
-        a_prev, local_slots = backward(params, consts, out, prev_out, res, slots, ct_out_slots)
-        local = jax.tree.map(lambda x: jnp.sum(x, axis=0), local_slots)
+        a_prev, local_adjoints = backward(params, consts, out, prev_out, res, adjoints, ct_out_adjoints)
+        local = jax.tree.map(lambda x: jnp.sum(x, axis=0), local_adjoints)
 
-    a_prev = jax.tree.map(lambda x, s: x.astype(s.dtype), a_prev, slots)  # kernels may compute in float32
+    a_prev = jax.tree.map(lambda x, s: x.astype(s.dtype), a_prev, adjoints)  # kernels may compute in float32
     if opts.check_finite:
         assert_finite(a_prev, "jaxbptt: non-finite cotangent in the backward pass, of the carry entering step {t}", t=t)
     record = None
@@ -251,10 +251,10 @@ class _Backward(NamedTuple):
     opts: "Options"
     x_diff: list
 
-    def block(self, slots, acc, t0, length: int, carry_start, stored=None):
+    def block(self, adjoints, acc, t0, length: int, carry_start, stored=None):
         """Reverse the block [t0, t0 + length): its output cotangents, the carry-adjoint loop, then its
         parameter and input gradients. `stored` is the block's `(outs, res)`, or None to recompute
-        them from `carry_start`. Returns `(slots, acc, dx, record)`."""
+        them from `carry_start`. Returns `(adjoints, acc, dx, record)`."""
         kernel, params, consts = self.kernel, self.params, self.consts
         xs_block = slice_time(self.xs, t0, length)
         if stored is None:
@@ -275,14 +275,14 @@ class _Backward(NamedTuple):
             first = kernel.previous_out(carry_start)
             prev_outs = jax.tree.map(lambda f, o: jnp.concatenate([f[None], o[:-1]]), first, outs)
 
-        def step_fn(slots, inputs):
+        def step_fn(adjoints, inputs):
             j, (out, prev_out, r, ct_out) = inputs
-            slots, local, record = _adjoint_step(kernel, params, consts, out, prev_out, r, slots, ct_out, t0 + j,
+            adjoints, local, record = _adjoint_step(kernel, params, consts, out, prev_out, r, adjoints, ct_out, t0 + j,
                                                  self.opts)
-            return slots, (local, record)
+            return adjoints, (local, record)
 
-        slots, (locals_, record) = lax.scan(
-            step_fn, slots, (jnp.arange(length), (outs, prev_outs, res, ct_outs)), reverse=True, unroll=self.opts.unroll
+        adjoints, (locals_, record) = lax.scan(
+            step_fn, adjoints, (jnp.arange(length), (outs, prev_outs, res, ct_outs)), reverse=True, unroll=self.opts.unroll
         )
         x_leaves, x_tree = jax.tree.flatten(xs_block)
 
@@ -298,10 +298,10 @@ class _Backward(NamedTuple):
         if self.opts.check_finite:
             assert_finite(acc, "jaxbptt: non-finite parameter gradient in the backward pass, from steps {t0} "
                           "to {t1}", t0=t0, t1=t0 + length - 1)
-        return slots, acc, dx, record
+        return adjoints, acc, dx, record
 
 
-def _revolve(bwd: _Backward, plan: Plan, saved: Saved, slots, acc):
+def _revolve(bwd: _Backward, plan: Plan, saved: Saved, adjoints, acc):
     """Run a binomial schedule (`_remat.Schedule`) as one `lax.scan` with a static trip count (so
     that it can itself be differentiated): each iteration may restore the current carry from a
     snapshot, then reverses the current unit with `_Backward.block` or advances the carry over it,
@@ -309,38 +309,38 @@ def _revolve(bwd: _Backward, plan: Plan, saved: Saved, slots, acc):
     schedule = plan.schedule
     carry0 = saved.start
     unit, tail_length = plan.groups[0][1], plan.groups[-1][1]
-    record_shape = jax.eval_shape(lambda: bwd.block(slots, acc, jnp.zeros((), jnp.int32), unit, carry0)[2:])
+    record_shape = jax.eval_shape(lambda: bwd.block(adjoints, acc, jnp.zeros((), jnp.int32), unit, carry0)[2:])
     buffers = jax.tree.map(lambda a: jnp.zeros((plan.length,) + a.shape[1:], a.dtype), record_shape)
     snaps = jax.tree.map(lambda c: jnp.zeros((schedule.slots,) + c.shape, c.dtype).at[0].set(c), carry0)
 
-    def advance(carry, t0, slots, acc, buffers):
+    def advance(carry, t0, adjoints, acc, buffers):
         carry, _, _ = _run_block(bwd.kernel, bwd.params, bwd.consts, carry, slice_time(bwd.xs, t0, unit), unit,
                                  bwd.opts.unroll)
-        return carry, slots, acc, buffers
+        return carry, adjoints, acc, buffers
 
     def reverse(length):
-        def run(carry, t0, slots, acc, buffers):
-            slots, acc, *out = bwd.block(slots, acc, t0, length, carry)
+        def run(carry, t0, adjoints, acc, buffers):
+            adjoints, acc, *out = bwd.block(adjoints, acc, t0, length, carry)
             buffers = jax.tree.map(lambda b, v: lax.dynamic_update_slice_in_dim(b, v, t0, 0), buffers, tuple(out))
-            return carry, slots, acc, buffers
+            return carry, adjoints, acc, buffers
 
         return run
 
     branches = [advance, reverse(unit)] + ([reverse(tail_length)] if schedule.tail else [])
 
     def body(state, _):
-        cursor, carry, snaps, slots, acc, buffers = state
+        cursor, carry, snaps, adjoints, acc, buffers = state
         move, cursor = schedule.move(cursor)
         carry = jax.tree.map(lambda s, c: jnp.where(move.restore, s[move.source], c), snaps, carry)
         branch = jnp.where(move.reverse, 1 + (schedule.tail & (move.unit == schedule.units - 1)), 0)
-        carry, slots, acc, buffers = lax.switch(branch, branches, carry, move.unit * unit, slots, acc, buffers)
+        carry, adjoints, acc, buffers = lax.switch(branch, branches, carry, move.unit * unit, adjoints, acc, buffers)
         snaps = jax.tree.map(lambda s, c: s.at[move.destination].set(jnp.where(move.store, c, s[move.destination])),
                              snaps, carry)
-        return (cursor, carry, snaps, slots, acc, buffers), None
+        return (cursor, carry, snaps, adjoints, acc, buffers), None
 
-    state = (schedule.start(), carry0, snaps, slots, acc, buffers)
-    (_, _, _, slots, acc, (dx, record)), _ = lax.scan(body, state, length=schedule.steps)
-    return slots, acc, dx, record
+    state = (schedule.start(), carry0, snaps, adjoints, acc, buffers)
+    (_, _, _, adjoints, acc, (dx, record)), _ = lax.scan(body, state, length=schedule.steps)
+    return adjoints, acc, dx, record
 
 
 def check_inverse(kernel: Kernel, params, consts, carry, xs) -> None:
@@ -361,7 +361,7 @@ def check_inverse(kernel: Kernel, params, consts, carry, xs) -> None:
                         f"carry is {expected} but inverse(params, carry, x) returned {rebuilt}.")
 
 
-def _invert(bwd: _Backward, plan: Plan, saved: Saved, slots, acc):
+def _invert(bwd: _Backward, plan: Plan, saved: Saved, adjoints, acc):
     """Walk the blocks backwards from the final carry (`remat=Invert()`): rebuild each block's starting
     carry with the step's inverse, run backwards over the block's steps, then reverse the block with
     `_Backward.block` from it (with the steps' `(out, res)` when the inverse returns them)."""
@@ -370,18 +370,18 @@ def _invert(bwd: _Backward, plan: Plan, saved: Saved, slots, acc):
     for start, block, count in reversed(plan.groups):
 
         def block_fn(state, i, start=start, block=block):
-            carry, slots, acc = state
+            carry, adjoints, acc = state
             t0 = start + i * block
             us = kernel.project(params, slice_time(bwd.xs, t0, block))
             carry, kept = lax.scan(lambda c, u: kernel.inverse(params, consts, c, u), carry, us, reverse=True,
                                    unroll=bwd.opts.unroll)
-            slots, acc, dx, record = bwd.block(slots, acc, t0, block, carry, kept)
-            return (carry, slots, acc), (dx, record)
+            adjoints, acc, dx, record = bwd.block(adjoints, acc, t0, block, carry, kept)
+            return (carry, adjoints, acc), (dx, record)
 
-        (carry, slots, acc), (dx, record) = lax.scan(block_fn, (carry, slots, acc), jnp.arange(count), reverse=True)
+        (carry, adjoints, acc), (dx, record) = lax.scan(block_fn, (carry, adjoints, acc), jnp.arange(count), reverse=True)
         dx_groups.insert(0, dx)
         diag_groups.insert(0, record)
-    return slots, acc, _concat_time(dx_groups), _concat_time(diag_groups)
+    return adjoints, acc, _concat_time(dx_groups), _concat_time(diag_groups)
 
 
 def backward(kernel: Kernel, params, consts, xs, saved: Saved, plan: Plan, opts: "Options", *, ct_final, ct_ys=None,
@@ -390,7 +390,7 @@ def backward(kernel: Kernel, params, consts, xs, saved: Saved, plan: Plan, opts:
 
     Args:
       saved: what `forward` kept under `plan`.
-      opts: the call's options: truncation, clipping (`clip_scope` "batch" clips each slot's global
+      opts: the call's options: truncation, clipping (`clip_scope` "batch" clips each adjoint's global
         norm, "example" each row of the carry's leading batch axis on its own), diagnostics (the
         global norm either way; `clipped` is then true when any example was rescaled), `need_xs`,
         `unroll`, `check_finite`, `axis_name`.
@@ -406,16 +406,16 @@ def backward(kernel: Kernel, params, consts, xs, saved: Saved, plan: Plan, opts:
     trunc = opts.truncation
     m = trunc.adjoints
     last_own = ((plan.length - 1) // trunc.chunk) % m if m > 1 else 0
-    slots = jax.tree.map(
+    adjoints = jax.tree.map(
         lambda c: jnp.zeros((m,) + c.shape, c.dtype).at[last_own].set(c), ct_final
     )
     acc = accumulator_like(params)
     x_diff = [opts.need_xs and is_float(x) for x in jax.tree.leaves(xs)]
     bwd = _Backward(kernel, params, consts, xs, ct_ys, loss, opts, x_diff)
     if plan.schedule is not None:
-        slots, acc, dx_flat, record = _revolve(bwd, plan, saved, slots, acc)
+        adjoints, acc, dx_flat, record = _revolve(bwd, plan, saved, adjoints, acc)
     elif plan.invert:
-        slots, acc, dx_flat, record = _invert(bwd, plan, saved, slots, acc)
+        adjoints, acc, dx_flat, record = _invert(bwd, plan, saved, adjoints, acc)
     else:
         dx_groups, diag_groups = [], []
         for g in reversed(range(len(plan.groups))):
@@ -424,16 +424,16 @@ def backward(kernel: Kernel, params, consts, xs, saved: Saved, plan: Plan, opts:
             def block_fn(state, inputs, start=start, block=block):
                 i, kept = inputs
                 stored = (kept.outs, kept.res) if plan.store else None
-                slots, acc, dx, record = bwd.block(*state, start + i * block, block, kept.carry, stored)
-                return (slots, acc), (dx, record)
+                adjoints, acc, dx, record = bwd.block(*state, start + i * block, block, kept.carry, stored)
+                return (adjoints, acc), (dx, record)
 
-            (slots, acc), (dx, record) = lax.scan(block_fn, (slots, acc), (jnp.arange(count), saved.groups[g]),
+            (adjoints, acc), (dx, record) = lax.scan(block_fn, (adjoints, acc), (jnp.arange(count), saved.groups[g]),
                                                   reverse=True)
             dx_groups.insert(0, dx)
             diag_groups.insert(0, record)
         dx_flat, record = _concat_time(dx_groups), _concat_time(diag_groups)
 
-    dcarry = jax.tree.map(lambda s: jnp.sum(s, axis=0), slots)
+    dcarry = jax.tree.map(lambda s: jnp.sum(s, axis=0), adjoints)
     dxs = None
     if opts.need_xs:
         dx_it = iter(dx_flat)
