@@ -86,8 +86,9 @@ def coupled(f: Callable, g: Callable) -> StepFn:
     and the inverse `h2 = h2' - g(pg, h1', x)`, `h1 = h1' - f(pf, h2, x)` (as in NICE, Dinh et al.
     2015, and RevNets, Gomez et al. 2017). Each addition rounds, so the carry the inverse rebuilds
     differs from the stored one by a few units in the last place per step, and the difference grows
-    with the number of steps inverted (measured in the docs: with `remat=jaxbptt.Invert()` only a
-    block of steps is ever inverted, from an exact carry, so the error stays that of one block).
+    with the number of steps inverted: under `remat=jaxbptt.Invert()`, the whole sequence, back from
+    the final carry (the guide "Reversible steps" gives measured errors; prefer float64 for long
+    sequences).
 
     Args:
       f: `f(pf, h2, x) -> update of h1`, a pytree like `h1`.
